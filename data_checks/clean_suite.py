@@ -1,0 +1,33 @@
+"""Expectations over the clean artifact: schema, no nulls, lengths in bounds, unique ids, ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REQUIRED_COLUMNS = ["id", "instruction", "input", "response", "source", "category"]
+
+
+def clean_rows_expectations(max_instruction_chars: int, max_response_chars: int) -> list[Any]:
+    """Give back the expectations every clean row must meet."""
+    import great_expectations.expectations as gxe
+
+    expectations: list[Any] = [gxe.ExpectTableColumnsToMatchSet(column_set=REQUIRED_COLUMNS, exact_match=False)]
+    for column in REQUIRED_COLUMNS:
+        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
+        expectations.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
+    expectations += [
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="instruction", min_value=1, max_value=max_instruction_chars),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1, max_value=max_response_chars),
+    ]
+    return expectations
+
+
+def clean_summary_expectations(min_rows: int, max_quarantine_ratio: float) -> list[Any]:
+    """Give back the expectations over the one-row summary of the clean step (counts and ratios)."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=min_rows),
+        gxe.ExpectColumnValuesToBeBetween(column="quarantine_ratio", min_value=0, max_value=max_quarantine_ratio),
+    ]

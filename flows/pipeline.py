@@ -1,0 +1,51 @@
+"""The pipeline flow: ingest -> clean -> validate -> template -> tokenize -> finetune -> evaluate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.artifacts import ArtifactRef
+from tasks.clean import clean
+from tasks.config import STEPS, build_config
+from tasks.evaluate import evaluate
+from tasks.finetune import finetune
+from tasks.ingest import ingest
+from tasks.template import template
+from tasks.tokenize import tokenize
+from tasks.validate import validate
+
+
+@flow(name="itune-pipeline", log_prints=False)
+def pipeline(config: dict[str, Any], until: str = "evaluate") -> dict[str, ArtifactRef]:
+    """Run the steps in order up to `until`; give back each finished step's artifact reference."""
+    cfg = build_config(config)
+    root = cfg.artifacts.root
+    done: dict[str, ArtifactRef] = {}
+    last = STEPS.index(until)
+
+    def keep(step: str, ref: ArtifactRef) -> bool:
+        done[step] = ref
+        return STEPS.index(step) < last
+
+    raw = ingest(cfg.step_config("ingest"), root)
+    if not keep("ingest", raw):
+        return done
+    cleaned = clean(cfg.step_config("clean"), root, raw)
+    if not keep("clean", cleaned):
+        return done
+    validated = validate(cfg.step_config("validate"), root, cleaned)
+    if not keep("validate", validated):
+        return done
+    templated = template(cfg.step_config("template"), root, validated)
+    if not keep("template", templated):
+        return done
+    tokenized = tokenize(cfg.step_config("tokenize"), root, templated)
+    if not keep("tokenize", tokenized):
+        return done
+    model = finetune(cfg.step_config("finetune"), root, tokenized)
+    if not keep("finetune", model):
+        return done
+    keep("evaluate", evaluate(cfg.step_config("evaluate"), root, templated, tokenized, model))
+    return done

@@ -1,0 +1,82 @@
+"""Step 4, template: render each pair as S = [BOS, instruction, SEP, response, EOS] text, and split.
+
+Prompt and response are kept apart so tokenize can mask the prompt. The split comes from a hash of
+`id`, so adding rows never moves an old row between train, val and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from tasks.artifacts import ArtifactRef, Step
+from tasks.caching import finish_step, step_task_options
+from tasks.config import TemplateConfig
+
+BOS = EOS = "<|endoftext|>"
+
+# name -> (prompt without input, prompt with input, response). The paper's SEP is "Response:".
+TEMPLATES: dict[str, tuple[str, str, str]] = {
+    "paper": (
+        BOS + "Instruction: {instruction}\nResponse:",
+        BOS + "Instruction: {instruction}\nInput: {input}\nResponse:",
+        " {response}" + EOS,
+    ),
+    "alpaca": (
+        BOS + "### Instruction:\n{instruction}\n\n### Response:\n",
+        BOS + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "{response}" + EOS,
+    ),
+}
+
+
+def render_prompt(template: str, instruction: str, input_text: str = "") -> str:
+    """Give back the prompt text for one instruction (what generation is conditioned on)."""
+    without_input, with_input, _ = TEMPLATES[template]
+    return (with_input if input_text else without_input).format(instruction=instruction, input=input_text)
+
+
+def split_of(row_id: str, val_fraction: float, test_fraction: float) -> str:
+    """Give back train/val/test for an id, from its hash alone."""
+    bucket = int(hashlib.sha256(row_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if bucket < val_fraction:
+        return "val"
+    if bucket < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
+    """Give back id, split, category, prompt, completion and the raw fields kept for evaluation."""
+    response_template = TEMPLATES[config.name][2]
+    return pd.DataFrame({
+        "id": frame["id"],
+        "split": [split_of(i, config.val_fraction, config.test_fraction) for i in frame["id"]],
+        "category": frame["category"],
+        "prompt": [render_prompt(config.name, i, x) for i, x in zip(frame["instruction"], frame["input"], strict=True)],
+        "completion": [response_template.format(response=r) for r in frame["response"]],
+        "instruction": frame["instruction"],
+        "input": frame["input"],
+        "response": frame["response"],
+    })
+
+
+STEP = Step("template", __file__)
+
+
+def write_template(config: TemplateConfig, validated: Path, out: Path) -> dict[str, Any]:
+    templated = apply_template(pd.read_parquet(validated / "data.parquet"), config)
+    templated.to_parquet(out / "data.parquet", index=False)
+    return {"rows": len(templated), "splits": templated["split"].value_counts().to_dict()}
+
+
+@task(**step_task_options(STEP))
+def template(config: dict[str, Any], root: str, validated: ArtifactRef) -> ArtifactRef:
+    """Prefect task: the template artifact for this validated data."""
+    ref, built = STEP.produce(config, root, [validated],
+                              lambda out, inputs: write_template(TemplateConfig(**config), inputs[0], out))
+    return finish_step(root, ref, built)

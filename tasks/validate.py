@@ -1,0 +1,80 @@
+"""Step 3, validate: run the Great Expectations suites over the clean artifact and gate the run.
+
+The artifact holds the validated rows, the check report and the Data Docs HTML, whether the checks
+passed or not, so a failed gate can be inspected; a blocking failure then stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from data_checks.clean_suite import clean_rows_expectations, clean_summary_expectations
+from data_checks.gate import GateReport, run_suites
+from tasks.artifacts import ArtifactRef, ArtifactStore, Step
+from tasks.caching import finish_step, step_task_options
+from tasks.config import ValidateConfig
+
+
+class ValidationFailed(RuntimeError):
+    """A blocking expectation failed; the message lists which, what was observed, and the Data Docs link."""
+
+
+def check_clean_data(frame: pd.DataFrame, stats: dict[str, Any], config: ValidateConfig, docs_dir: Path) -> GateReport:
+    """Give back the gate report for clean rows plus the clean step's summary counts."""
+    summary = pd.DataFrame([{"rows": len(frame), "quarantine_ratio": float(stats.get("quarantine_ratio", 0.0))}])
+    return run_suites(
+        {
+            "clean_rows": (frame, clean_rows_expectations(config.max_instruction_chars, config.max_response_chars)),
+            "clean_summary": (summary, clean_summary_expectations(config.min_rows, config.max_quarantine_ratio)),
+        },
+        docs_dir,
+        set(config.warn_only),
+    )
+
+
+def failure_message(report: GateReport) -> str:
+    first = report.blocking_failures[:3]
+    more = len(report.blocking_failures) - len(first)
+    listed = "; ".join(o.describe() for o in first) + (f"; and {more} more" if more else "")
+    return f"{len(report.blocking_failures)} blocking expectation(s) failed: {listed}"
+
+
+STEP = Step("validate", __file__)
+
+
+def write_validate(config: ValidateConfig, cleaned: Path, out: Path) -> dict[str, Any]:
+    """Write the validated rows, report.json and data_docs/; give back counts and the verdict."""
+    frame = pd.read_parquet(cleaned / "data.parquet")
+    stats = json.loads((cleaned / "manifest.json").read_text(encoding="utf-8"))
+    report = check_clean_data(frame, stats, config, out / "data_docs")
+    try:
+        os.link(cleaned / "data.parquet", out / "data.parquet")  # same bytes; a link saves the copy
+    except OSError:
+        shutil.copyfile(cleaned / "data.parquet", out / "data.parquet")
+    (out / "report.json").write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
+    return {
+        "rows": len(frame),
+        "passed": not report.blocking_failures,
+        "failure": failure_message(report) if report.blocking_failures else "",
+        "warnings": [o.describe() for o in report.warnings],
+        "checks": len(report.outcomes),
+    }
+
+
+@task(**step_task_options(STEP))
+def validate(config: dict[str, Any], root: str, cleaned: ArtifactRef) -> ArtifactRef:
+    """Prefect task: the validate artifact; raises ValidationFailed when a blocking check fails."""
+    ref, built = STEP.produce(config, root, [cleaned],
+                              lambda out, inputs: write_validate(ValidateConfig(**config), inputs[0], out))
+    manifest = ArtifactStore(root).manifest(ref.step, ref.key) or {}
+    if not manifest.get("passed", False):
+        docs = Path(ref.uri) / "data_docs" / "index.html"
+        raise ValidationFailed(f"{manifest.get('failure', 'validation failed')}. Data Docs: {docs.as_uri()}")
+    return finish_step(root, ref, built)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real Prefect API (test harness), tiny configs, and the shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_overrides(root: Path, **extra: object) -> list[str]:
+    """Give back --set overrides for a pipeline that runs in seconds on CPU."""
+    values = {
+        "artifacts.root": str(root),
+        "data.builtin_examples": 300,
+        "train.max_steps": 8,
+        "train.batch_size": 16,
+        "train.logging_steps": 4,
+        "eval.max_examples": 16,
+        "eval.max_new_tokens": 8,
+        "template.val_fraction": 0.1,
+        "template.test_fraction": 0.1,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API on a temporary database for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared data folder {SHARED_DATA} is missing; clone the project beside ../shared")
+    return SHARED_DATA

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from tasks.artifacts import ArtifactError, ArtifactStore, Step
+
+
+def _step(tmp_path):
+    module = tmp_path / "fake_step.py"
+    module.write_text("VERSION = 1\n")
+    return Step("demo", str(module))
+
+
+def _build(text):
+    def build(out, inputs):
+        (out / "data.txt").write_text(text)
+        return {"rows": 1}
+
+    return build
+
+
+def test_produce_writes_data_and_manifest_last_and_reuses_intact(tmp_path):
+    step = _step(tmp_path)
+    ref, built = step.produce({"a": 1}, str(tmp_path / "root"), [], _build("hello"))
+    assert built and ref.rows == 1
+    manifest = json.loads((ref.path / "manifest.json").read_text())
+    assert manifest["files"].keys() == {"data.txt"} and manifest["config"] == {"a": 1}
+    again, built_again = step.produce({"a": 1}, str(tmp_path / "root"), [], _build("other"))
+    assert not built_again and again == ref
+    assert not any(p.name.startswith(".tmp-") for p in ref.path.parent.iterdir())
+
+
+def test_key_changes_with_config_and_code(tmp_path):
+    step = _step(tmp_path)
+    first = step.key({"a": 1}, [])
+    assert step.key({"a": 2}, []) != first
+    (tmp_path / "fake_step.py").write_text("VERSION = 2\n")
+    assert step.key({"a": 1}, []) != first
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete_data", "delete_manifest"])
+def test_damaged_artifact_is_never_read_and_is_rebuilt(tmp_path, damage):
+    step = _step(tmp_path)
+    root = str(tmp_path / "root")
+    ref, _ = step.produce({}, root, [], _build("payload"))
+    data = ref.path / "data.txt"
+    if damage == "flip":
+        data.write_text("paylOad")
+    elif damage == "truncate":
+        data.write_text("pay")
+    elif damage == "delete_data":
+        data.unlink()
+    else:
+        (ref.path / "manifest.json").unlink()
+    store = ArtifactStore(root)
+    assert store.manifest(ref.step, ref.key) is None
+    with pytest.raises(ArtifactError, match="missing or corrupt"):
+        store.open(ref)
+    rebuilt, built = step.produce({}, root, [], _build("payload"))
+    assert built and (rebuilt.path / "data.txt").read_text() == "payload"
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(tmp_path):
+    step = _step(tmp_path)
+
+    def explode(out, inputs):
+        (out / "data.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        step.produce({}, str(tmp_path / "root"), [], explode)
+    leftovers = list((tmp_path / "root" / "demo").iterdir())
+    assert leftovers == []

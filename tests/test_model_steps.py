@@ -1,0 +1,73 @@
+"""Fine-tune and evaluate work functions on a real tiny GPT-2, a few real training steps on CPU."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tasks.config import EvalConfig, ModelConfig, TrainConfig
+from tasks.evaluate import normalize_answer, response_loss
+from tasks.finetune import train_model
+from tasks.modeling import IGNORE_INDEX, ModelSourceError, load_base_model, response_token_loss
+
+
+def _rows(n=24):
+    rows = []
+    for i in range(n):
+        prompt = [50256, 100 + i % 5, 200, 300]
+        answer = [400 + i % 5, 50256]
+        rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+    return rows
+
+
+def test_response_token_loss_equals_full_logits_loss():
+    model = load_base_model("scratch:tiny", 0, dropout=0.1).eval()
+    rows = _rows(4)
+    batch = {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
+             "labels": torch.tensor([r["labels"] for r in rows])}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    reference = model(**batch).loss
+    assert torch.allclose(response_token_loss(model, batch), reference, atol=1e-5)
+
+
+def test_training_lowers_loss_and_saves_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rows = _rows()
+    base = load_base_model("scratch:tiny", 0)
+    before = response_loss(base, rows, 8)
+    figures = train_model(rows, ModelConfig(), TrainConfig(max_steps=30, batch_size=8, logging_steps=5),
+                          tmp_path, tmp_path / "work")
+    assert figures["steps"] == 30
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model", local_files_only=True)
+    after = response_loss(tuned, rows, 8)
+    assert after < before - 2.0
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert len(log) >= 5 and all("loss" in entry for entry in log)
+
+
+def test_perplexity_is_exp_of_mean_response_token_loss():
+    model = load_base_model("scratch:tiny", 0)
+    loss = response_loss(model, _rows(6), 4)
+    assert math.isclose(loss, math.log(50257), rel_tol=0.05)  # an untrained model is near uniform
+
+
+def test_local_save_pretrained_folder_loads_as_model_source(tmp_path):
+    load_base_model("scratch:tiny", 3).save_pretrained(tmp_path / "local")
+    model = load_base_model(str(tmp_path / "local"))
+    assert model.config.n_layer == 2
+
+
+def test_unreachable_hub_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="neither a local folder nor reachable"):
+        load_base_model("no-such-org/no-such-model")
+
+
+def test_exact_match_normalises_spaces_and_full_stop_but_keeps_case():
+    assert normalize_answer("  1 2   3. ") == "1 2 3"
+    assert normalize_answer("CAT") != normalize_answer("cat")
+    assert EvalConfig().max_new_tokens > 0
