@@ -150,6 +150,38 @@ class ArtifactStore:
         finally:
             shutil.rmtree(temp, ignore_errors=True)
 
+    def find(self, spec: str) -> Path:
+        """Give back an artifact folder from a path, `step/key`, or a unique key prefix."""
+        candidate = Path(spec).expanduser()
+        if (candidate / MANIFEST).is_file():
+            return candidate.resolve()
+        if (self.root / spec / MANIFEST).is_file():
+            return self.root / spec
+        matches = [m.parent for m in self.root.glob(f"*/{spec}*/{MANIFEST}")]
+        if len(matches) != 1:
+            raise ArtifactError(f"'{spec}' names {len(matches)} artifacts under {self.root}; give step/key or a path")
+        return matches[0]
+
+    def lineage(self, folder: Path) -> list[dict[str, Any]]:
+        """Give back the chain of manifests from an artifact back to its source, nearest first."""
+        chain: list[dict[str, Any]] = []
+        pending = [Path(folder)]
+        seen: set[Path] = set()
+        while pending:
+            current = pending.pop(0)
+            if current in seen:
+                continue
+            seen.add(current)
+            manifest = json.loads((current / MANIFEST).read_text(encoding="utf-8"))
+            verified = self.manifest(manifest["step"], manifest["key"]) is not None if current.parent.parent == \
+                self.root else None
+            chain.append({"uri": str(current), "step": manifest["step"], "key": manifest["key"],
+                          "code_version": manifest.get("code_version"), "config": manifest.get("config"),
+                          "rows": manifest.get("rows"), "created_at": manifest.get("created_at"),
+                          "verified": verified, "inputs": [entry["uri"] for entry in manifest.get("inputs", [])]})
+            pending += [Path(entry["uri"]) for entry in manifest.get("inputs", [])]
+        return chain
+
     def _publish(self, temp: Path, final: Path) -> None:
         if final.exists():
             if self.manifest(final.parent.name, final.name) is not None:

@@ -7,14 +7,16 @@ artifact is a cache miss and the step runs again, never a cached pointer to bad 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from tasks.artifacts import ArtifactRef, ArtifactStore, Step, sha256_text
+from tasks.artifacts import MANIFEST, ArtifactRef, ArtifactStore, Step, sha256_text
 
 
 def _record_key(root: str, ref: ArtifactRef) -> str:
@@ -50,11 +52,48 @@ def step_task_options(step: Step) -> dict[str, Any]:
     }
 
 
+def asset_key(uri: str) -> str:
+    """Give back the Prefect asset key of an artifact: its location as a URI."""
+    return uri if "://" in uri else Path(uri).resolve().as_uri()
+
+
+def _publish_lineage(ref: ArtifactRef, upstream_uris: list[str]) -> None:
+    """Emit Prefect asset events (this artifact materialized from its upstream ones) and a UI artifact.
+
+    These are the events `prefect.assets.materialize` emits; artifact locations are only known at run
+    time (they are content keys), so the events are emitted here rather than declared on the task.
+    """
+    from prefect.artifacts import create_table_artifact
+    from prefect.assets import Asset
+    from prefect.context import AssetContext
+    from prefect.events import emit_event
+
+    asset = Asset(key=asset_key(ref.uri))
+    upstream = [Asset(key=asset_key(uri)) for uri in upstream_uris]
+    for parent in upstream:
+        emit_event(event="prefect.asset.referenced", resource=AssetContext.asset_as_resource(parent), related=[])
+    emit_event(
+        event="prefect.asset.materialization.succeeded",
+        resource=AssetContext.asset_as_resource(asset),
+        related=[AssetContext.asset_as_related(parent) for parent in upstream]
+        + [AssetContext.related_materialized_by("itune")],
+        payload={"step": ref.step, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256},
+    )
+    create_table_artifact(
+        key=f"itune-{ref.step}",
+        table=[{"artifact": asset.key, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256,
+                "upstream": ", ".join(a.key for a in upstream)}],
+        description=f"itune {ref.step} artifact",
+    )
+
+
 def finish_step(root: str, ref: ArtifactRef, built: bool) -> ArtifactRef:
-    """Record the cache entry for a fresh artifact and log what the step produced."""
+    """Record the cache entry, lineage and a UI artifact for a step's output, and log what it produced."""
     context = TaskRunContext.get()
     if context is not None and context.result_store is not None:
         context.result_store.write(obj=ref, key=_record_key(root, ref))
+    manifest = json.loads((Path(ref.uri) / MANIFEST).read_text(encoding="utf-8"))
+    _publish_lineage(ref, [entry["uri"] for entry in manifest.get("inputs", [])])
     how = "built" if built else "reused intact"
     get_run_logger().info("%s %s: %d rows at %s (sha256 %s)", how, ref.step, ref.rows, ref.uri, ref.sha256[:12])
     return ref
