@@ -90,6 +90,9 @@ class ArtifactStore:
         self.root = Path(root).expanduser().resolve()
 
     def path(self, step: str, key: str) -> Path:
+        for part in (step, key):
+            if not part or part in (".", "..") or "/" in part or "\\" in part:
+                raise ArtifactError(f"artifact name {part!r} would leave the artifact root {self.root}")
         return self.root / step / key
 
     def manifest(self, step: str, key: str) -> dict[str, Any] | None:
