@@ -23,11 +23,18 @@ def clean_rows_expectations(max_instruction_chars: int, max_response_chars: int)
     return expectations
 
 
-def clean_summary_expectations(min_rows: int, max_quarantine_ratio: float) -> list[Any]:
-    """Give back the expectations over the one-row summary of the clean step (counts and ratios)."""
+def clean_summary_expectations(min_rows: int, max_quarantine_ratio: float, max_duplicate_ratio: float = 1.0,
+                               max_mean_instruction_chars: int | None = None,
+                               max_mean_response_chars: int | None = None) -> list[Any]:
+    """Give back the expectations over the one-row summary of the clean step (counts, ratios, length means)."""
     import great_expectations.expectations as gxe
 
     return [
         gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=min_rows),
         gxe.ExpectColumnValuesToBeBetween(column="quarantine_ratio", min_value=0, max_value=max_quarantine_ratio),
+        gxe.ExpectColumnValuesToBeBetween(column="duplicate_ratio", min_value=0, max_value=max_duplicate_ratio),
+        gxe.ExpectColumnValuesToBeBetween(column="mean_instruction_chars", min_value=1,
+                                          max_value=max_mean_instruction_chars),
+        gxe.ExpectColumnValuesToBeBetween(column="mean_response_chars", min_value=1,
+                                          max_value=max_mean_response_chars),
     ]

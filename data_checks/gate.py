@@ -10,6 +10,10 @@ from typing import Any
 import pandas as pd
 
 
+class GateFailed(RuntimeError):
+    """A blocking expectation failed; the message lists which, what was observed, and the Data Docs link."""
+
+
 @dataclass
 class CheckOutcome:
     suite: str
@@ -44,7 +48,15 @@ class GateReport:
         return [{**o.__dict__, "observed": str(o.observed), "threshold": str(o.threshold)} for o in self.outcomes]
 
 
-_THRESHOLD_KEYS = ("min_value", "max_value", "column_set", "type_", "value_set")
+    def failure_message(self) -> str:
+        """Give back one line: how many blocking checks failed, the first three (observed vs wanted)."""
+        first = self.blocking_failures[:3]
+        more = len(self.blocking_failures) - len(first)
+        listed = "; ".join(o.describe() for o in first) + (f"; and {more} more" if more else "")
+        return f"{len(self.blocking_failures)} blocking expectation(s) failed: {listed}"
+
+
+_THRESHOLD_KEYS = ("min_value", "max_value", "column_set", "type_", "type_list", "value_set")
 
 
 def run_suites(frames: dict[str, tuple[pd.DataFrame, list[Any]]], docs_dir: Path, warn_only: set[str]) -> GateReport:

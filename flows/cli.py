@@ -19,6 +19,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from flows.local_api import LocalPrefectAPI
 from tasks.config import STEPS, ConfigError, PipelineConfig, load_config
+from tasks.registry import METRIC_LABELS, Registry, RegistryError, model_and_template
 
 app = typer.Typer(help="Instruction-tune GPT-2 as a cached, orchestrated Prefect pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -113,7 +114,25 @@ def _metrics(refs: dict[str, Any]) -> dict[str, Any]:
     return manifest.get("metrics", {})
 
 
-def _print_summary(summary: dict[str, Any], wall: float) -> None:
+def _print_summary(summary: dict[str, Any], wall: float, title: str | None = None) -> None:
+    if summary["steps"]:
+        _print_steps(summary)
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        results = Table(title=title or "metrics (held-out)")
+        for column in ("metric", "base", "tuned"):
+            results.add_column(column, justify="left" if column == "metric" else "right")
+        for name, label in METRIC_LABELS:
+            if f"tuned_{name}" in metrics and f"base_{name}" in metrics:
+                results.add_row(label, f"{metrics[f'base_{name}']:.4f}", f"{metrics[f'tuned_{name}']:.4f}")
+        out.print(results)
+    if summary.get("promotion"):
+        _print_decision(summary["promotion"])
+    if wall:
+        out.print(f"wall time {wall:.1f} s")
+
+
+def _print_steps(summary: dict[str, Any]) -> None:
     table = Table(title=f"itune pipeline · flow run {summary['flow_run_id']}")
     for column in ("step", "state", "rows", "seconds", "artifact"):
         table.add_column(column, justify="right" if column in ("rows", "seconds") else "left")
@@ -123,16 +142,14 @@ def _print_summary(summary: dict[str, Any], wall: float) -> None:
         table.add_row(step, f"[{color}]{info['state']}[/]", str(info["rows"] if info["rows"] is not None else "-"),
                       f"{info['seconds']:.2f}", info["artifact"] or "-")
     out.print(table)
-    metrics = summary.get("metrics") or {}
-    if metrics:
-        results = Table(title="metrics (held-out)")
-        for column in ("metric", "base", "tuned"):
-            results.add_column(column, justify="left" if column == "metric" else "right")
-        for name in ("val_loss", "val_perplexity", "test_loss", "test_perplexity", "exact_match"):
-            if f"tuned_{name}" in metrics:
-                results.add_row(name, f"{metrics[f'base_{name}']:.4f}", f"{metrics[f'tuned_{name}']:.4f}")
-        out.print(results)
-    out.print(f"wall time {wall:.1f} s")
+
+
+def _print_decision(decision: dict[str, Any]) -> None:
+    verdict = "[green]promoted to champion[/]" if decision["promoted"] else "[yellow]not promoted[/]"
+    out.print(f"promotion: model {decision['candidate']} {verdict} ({decision['how']}); "
+              f"champion: {decision['champion']}", highlight=False)
+    for reason in decision["reasons"]:
+        out.print(f"  - {reason}", highlight=False)
 
 
 @app.command()
@@ -181,6 +198,8 @@ def run_pipeline(cfg: PipelineConfig, until: str, debug: bool = False) -> dict[s
     refs = result if isinstance(result, dict) else {}
     summary = _summarise(state, refs)
     summary["metrics"] = _metrics(refs)
+    summary["promotion"] = Registry(cfg.artifacts.root).decision_for_run(summary["flow_run_id"]) \
+        if "evaluate" in refs else None
     if state.is_failed() or isinstance(result, BaseException):
         failed = [step for step, info in summary["steps"].items() if info["state"] in ("Failed", "Crashed")]
         step = failed[0] if failed else "pipeline"
@@ -191,6 +210,200 @@ def run_pipeline(cfg: PipelineConfig, until: str, debug: bool = False) -> dict[s
 
             traceback.print_exception(result)
     return summary
+
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: the quickstart)")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a key: eval.max_new_tokens=64")]
+RootOption = Annotated[Path | None, typer.Option("--root", help="artifact root (default: the config's artifacts.root)")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="champion, a registered model key, or a model folder")]
+TemplateOption = Annotated[str | None, typer.Option(help="prompt template if the model's lineage does not record one")]
+
+
+def _settings(config: Path | None, set_: list[str] | None, root: Path | None) -> tuple[PipelineConfig, Registry]:
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    return cfg, Registry(root or cfg.artifacts.root)
+
+
+def _figure(metrics: dict[str, Any], name: str) -> str:
+    value = metrics.get(name)
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+@app.command()
+def models(config: ConfigOption = None, set_: SetOption = None, root: RootOption = None) -> None:
+    """List the evaluated models (candidates) and the champion, with their metrics."""
+    cfg, registry = _settings(config, set_, root)
+    try:
+        data = registry.load()
+    except RegistryError as exc:
+        fail(str(exc))
+    if not data["candidates"]:
+        out.print(f"no evaluated models under {registry.root} yet: `itune run` evaluates one", highlight=False)
+        return
+    champion = (data["champion"] or {}).get("model_key")
+    shown = {"tuned_exact_match": "exact match", "tuned_rouge_l": "ROUGE-L", "tuned_val_loss": "val loss"}
+    if cfg.promote.primary_metric not in shown:
+        shown = {cfg.promote.primary_metric: cfg.promote.primary_metric, **shown}
+    table = Table(title=f"models · {registry.file}")
+    table.add_column("")
+    table.add_column("model", no_wrap=True)
+    table.add_column("evaluated")
+    for label in shown.values():
+        table.add_column(label, justify="right")
+    table.add_column("last decision")
+    for key, entry in sorted(data["candidates"].items(), key=lambda item: item[1].get("evaluated_at", "")):
+        metrics, last = entry.get("metrics", {}), entry.get("last_decision") or {}
+        verdict = ("promoted" if last.get("promoted") else "kept out") + f" ({last.get('how', '-')})" if last else "-"
+        table.add_row("[bold green]★[/]" if key == champion else "", key,
+                      entry.get("evaluated_at", "-")[:16].replace("T", " "),
+                      *(_figure(metrics, name) for name in shown), verdict)
+    out.print(table)
+    if champion:
+        out.print(f"★ champion: {champion} ({data['champion']['how']}) at {data['champion']['model_uri']}",
+                  highlight=False)
+
+
+@app.command("promote")
+def promote_model(
+    model: Annotated[str, typer.Argument(help="a registered model key (or its prefix) or its artifact folder")],
+    reason: Annotated[str, typer.Option(help="why, kept in the registry history")] = "",
+    config: ConfigOption = None, set_: SetOption = None, root: RootOption = None,
+) -> None:
+    """Make a model the champion whatever its metrics (recorded as a manual promotion)."""
+    _, registry = _settings(config, set_, root)
+    try:
+        decision = registry.promote_manual(model, reason)
+    except RegistryError as exc:
+        fail(str(exc))
+    _print_decision(decision)
+
+
+def _find_evaluation(registry: Registry, spec: str | None) -> tuple[Path, dict[str, Any] | None]:
+    """Give back (an intact evaluate artifact folder, the registry decision taken on it) for RUN."""
+    from tasks.artifacts import ArtifactStore
+
+    history = registry.load()["history"]
+    store = ArtifactStore(registry.root)
+    by_run = [e for e in history if spec is not None and e.get("flow_run_id") == spec]
+    if spec is None and history:
+        key = history[-1]["evaluate_key"]
+    elif spec is None:  # evaluated before the registry existed: the newest intact evaluation
+        built = [(m["created_at"], m["key"]) for folder in (registry.root / "evaluate").glob("[!.]*")
+                 if (m := store.manifest("evaluate", folder.name))]
+        key = max(built)[1] if built else fail(f"no evaluation under {registry.root} yet: `itune run` makes one")
+    elif by_run:
+        key = by_run[-1]["evaluate_key"]
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser().resolve()
+        store, key = ArtifactStore(folder.parent.parent), folder.name
+    else:
+        keys = [k.name for k in (registry.root / "evaluate").glob(f"{spec}*")]
+        if len(keys) != 1:
+            fail(f"'{spec}' is neither a flow run recorded in {registry.file} nor an evaluate artifact key or folder")
+        key = keys[0]
+    if store.manifest("evaluate", key) is None:
+        fail(f"the evaluate artifact {store.path('evaluate', key)} is missing or corrupt; `itune run` rebuilds it")
+    decision = by_run[-1] if by_run else next((e for e in reversed(history) if e.get("evaluate_key") == key), None)
+    return store.path("evaluate", key), decision
+
+
+@app.command()
+def report(
+    run_: Annotated[str | None, typer.Argument(metavar="[RUN]", help="a flow run id, or an evaluate artifact key or "
+                                                                    "folder (default: the latest evaluation)")] = None,
+    config: ConfigOption = None, set_: SetOption = None, root: RootOption = None,
+) -> None:
+    """Print an evaluation's summary: metrics, per-category scores, sample generations, promotion."""
+    import pandas as pd
+
+    cfg, registry = _settings(config, set_, root)
+    folder, decision = _find_evaluation(registry, run_)
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    _print_summary({"flow_run_id": decision.get("flow_run_id") if decision else "-", "steps": {}, "metrics": metrics,
+                    "promotion": decision}, 0.0, title=f"evaluation {folder.name} ({metrics['examples']} examples)")
+    categories = Table(title="per category")
+    for column in ("category", "scoring", "examples", "base", "tuned"):
+        categories.add_column(column, justify="left" if column in ("category", "scoring") else "right")
+    for category, row in metrics["per_category"].items():
+        categories.add_row(category or "(none)", row["scoring"], str(row["examples"]), f"{row['base']:.3f}",
+                           f"{row['tuned']:.3f}")
+    out.print(categories)
+    samples = Table(title="sample generations", show_lines=True)
+    for column in ("instruction", "input", "reference", "base", "tuned"):
+        samples.add_column(column, overflow="fold")
+    frame = pd.read_parquet(folder / "samples.parquet").head(cfg.eval.report_samples)
+    for row in frame.itertuples():
+        samples.add_row(*(str(v).strip() for v in (row.instruction, row.input, row.response, row.base_output,
+                                                    row.tuned_output)))
+    out.print(samples)
+    out.print(f"report {folder / 'report.md'}\nloss curve {folder / 'loss_curve.png'}", highlight=False)
+
+
+def _responder(cfg: PipelineConfig, registry: Registry, model: str, template: str | None):
+    """Give back (reply(instruction, input) -> text, description) for a model, prompted as in its training."""
+    try:
+        model_dir, trained_with = model_and_template(registry.model_folder(model))
+    except RegistryError as exc:
+        fail(str(exc))
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from tasks.config import TemplateConfig
+    from tasks.evaluate import generate_answers
+    from tasks.template import render_chat, render_prompt, template_parts
+
+    hf_logging.set_verbosity_error()  # the terminal shows the answer, not loader progress bars and hints
+    hf_logging.disable_progress_bar()
+    if trained_with and template and template != trained_with["name"]:
+        err.print(f"note: {model_dir} was trained with the '{trained_with['name']}' template; using it",
+                  highlight=False)
+    try:
+        chosen = TemplateConfig(**(trained_with or {"name": template or "paper"}))
+    except ValueError as exc:
+        fail(f"template: {str(exc).splitlines()[-1].strip()}", 2)
+    name = chosen.name
+    network = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    budget = network.config.n_positions - cfg.eval.max_new_tokens
+
+    def reply(instruction: str, input_text: str = "") -> str:
+        prompt = render_chat("", instruction, input_text) if name == "chat" else \
+            render_prompt(name, instruction, input_text, parts=template_parts(chosen))
+        return generate_answers(network, [prompt], cfg.eval, budget)[0].strip()
+
+    return reply, f"{model_dir} (template '{name}')"
+
+
+@app.command()
+def generate(
+    instruction: Annotated[str, typer.Argument(help="what the model should do")],
+    input_: Annotated[str, typer.Option("--input", "-i", help="the input the instruction works on")] = "",
+    model: ModelOption = "champion", template: TemplateOption = None,
+    config: ConfigOption = None, set_: SetOption = None, root: RootOption = None,
+) -> None:
+    """Print a model's response to one instruction (generation settings from the eval config)."""
+    cfg, registry = _settings(config, set_, root)
+    reply, _ = _responder(cfg, registry, model, template)
+    print(reply(instruction, input_))
+
+
+@app.command()
+def chat(model: ModelOption = "champion", template: TemplateOption = None, config: ConfigOption = None,
+         set_: SetOption = None, root: RootOption = None) -> None:
+    """Talk to a model: one instruction per line (`instruction || input` to add an input); empty line ends."""
+    cfg, registry = _settings(config, set_, root)
+    reply, description = _responder(cfg, registry, model, template)
+    out.print(f"chatting with {description}; an empty line or Ctrl-D ends", highlight=False)
+    while True:
+        sys.stdout.write("you> ")
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line.strip() or line.strip() in ("exit", "quit"):
+            break
+        instruction, _, input_text = line.strip().partition(" || ")
+        print(f"model> {reply(instruction.strip(), input_text.strip())}", flush=True)
 
 
 def main() -> None:  # pragma: no cover - console script indirection for `python -m flows.cli`

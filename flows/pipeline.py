@@ -1,4 +1,4 @@
-"""The pipeline flow: ingest -> clean -> validate -> template -> tokenize -> finetune -> evaluate."""
+"""The pipeline flow: ingest -> clean -> validate -> template -> tokenize -> finetune -> evaluate (-> promote)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from typing import Any
 
 from prefect import flow
 
+from flows.finetune_flow import finetune as finetune_on_pool
 from tasks.artifacts import ArtifactRef
 from tasks.clean import clean
 from tasks.config import STEPS, build_config
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, promote
 from tasks.finetune import finetune
 from tasks.ingest import ingest
 from tasks.template import template
@@ -44,8 +45,11 @@ def pipeline(config: dict[str, Any], until: str = "evaluate") -> dict[str, Artif
     tokenized = tokenize(cfg.step_config("tokenize"), root, templated)
     if not keep("tokenize", tokenized):
         return done
-    model = finetune(cfg.step_config("finetune"), root, tokenized)
+    model = (finetune_on_pool(cfg.step_config("finetune"), root, tokenized, cfg.train.work_pool) if cfg.train.work_pool
+             else finetune(cfg.step_config("finetune"), root, tokenized))
     if not keep("finetune", model):
         return done
-    keep("evaluate", evaluate(cfg.step_config("evaluate"), root, templated, tokenized, model))
+    evaluated = evaluate(cfg.step_config("evaluate"), root, templated, tokenized, model)
+    keep("evaluate", evaluated)
+    promote(cfg.section("promote"), root, evaluated, model)  # champion/challenger: decision kept in the registry
     return done

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 STEPS = ("ingest", "clean", "validate", "template", "tokenize", "finetune", "evaluate")
 
@@ -24,15 +24,47 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Format = Literal["alpaca", "dolly", "self_instruct", "prompt_completion", "sharegpt", "messages"]
+CANONICAL_FIELDS = ("instruction", "input", "response", "category")
+
+
+def _check_columns(columns: dict[str, str] | None) -> dict[str, str] | None:
+    if not columns:
+        return columns
+    unknown = sorted(set(columns) - set(CANONICAL_FIELDS))
+    if unknown:
+        raise ValueError(f"columns maps unknown field(s) {', '.join(unknown)}; "
+                         f"map any of {', '.join(CANONICAL_FIELDS)}")
+    missing = [f for f in ("instruction", "response") if f not in columns]
+    if missing:
+        raise ValueError(f"columns must map {' and '.join(missing)} (e.g. columns.{missing[0]}=<your column>)")
+    return columns
+
+
+class SourceSpec(Section):
+    """One of several sources: where it is, how to read it, and how much of it to keep."""
+
+    source: str
+    format: Literal["auto", Format] | None = Field(None, description="None: data.format")
+    columns: dict[str, str] | None = Field(None, description="None: data.columns")
+    max_rows: PositiveInt | None = Field(None, description="cap on the rows this source contributes")
+    weight: float = Field(1.0, gt=0, le=1, description="share of this source's rows kept, chosen by id hash")
+
+    _columns = field_validator("columns")(_check_columns)
+
+
 class DataConfig(Section):
     source: str = "builtin:tasks"
-    format: Literal["auto", "alpaca", "dolly", "self_instruct", "prompt_completion", "sharegpt", "messages"] = (
-        "auto"
-    )
+    sources: list[SourceSpec] = Field(default_factory=list, description="several sources; replaces data.source")
+    format: Literal["auto", Format] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)
     max_rows: PositiveInt | None = None
+    max_record_chars: PositiveInt = Field(1_000_000, description="longer fields are quarantined at ingest")
+    hub_split: str = Field("train", description="split read from a `hf:<dataset id>` source")
     builtin_examples: PositiveInt = 4000
     seed: int = 0
+
+    _columns = field_validator("columns")(_check_columns)
 
 
 class ArtifactsConfig(Section):
@@ -43,32 +75,97 @@ class CleanConfig(Section):
     min_chars: int = Field(1, ge=0)
     max_instruction_chars: PositiveInt = 4000
     max_response_chars: PositiveInt = 4000
+    min_response_tokens: int = Field(1, ge=0)
+    max_prompt_tokens: PositiveInt | None = Field(2048, description="instruction + input, GPT-2 tokens")
+    max_response_tokens: PositiveInt | None = Field(1024, description="GPT-2 tokens")
     drop_exact_duplicates: bool = True
+    drop_near_duplicates: bool = True
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1, description="estimated Jaccard of word 3-grams")
+    near_duplicate_num_perm: int = Field(64, ge=16, le=512)
+    near_duplicate_min_words: PositiveInt = Field(
+        16, description="shorter rows only get the exact check: MinHash of a handful of words is noise")
+    language: Literal["any", "latin"] = Field("any", description="latin: drop rows mostly in other scripts")
+    min_script_share: float = Field(0.8, ge=0, le=1)
 
 
 class ValidateConfig(Section):
     max_quarantine_ratio: float = Field(0.5, ge=0, le=1)
+    max_duplicate_ratio: float = Field(0.5, ge=0, le=1, description="exact + near duplicates / rows read")
     min_rows: PositiveInt = 10
     max_instruction_chars: PositiveInt = 4000
     max_response_chars: PositiveInt = 4000
+    max_mean_instruction_chars: PositiveInt = 2000
+    max_mean_response_chars: PositiveInt = 2000
     warn_only: list[str] = Field(default_factory=list, description="expectation types that warn instead of block")
 
 
+class UserTemplate(Section):
+    """A template written in the config: placeholders {instruction}, {input}, {response}."""
+
+    prompt: str
+    prompt_with_input: str | None = Field(None, description="used when a row has an input; None: prompt")
+    response: str = " {response}<|endoftext|>"
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> UserTemplate:
+        import string
+
+        wanted = {"prompt": {"instruction"}, "prompt_with_input": {"instruction", "input"}, "response": {"response"}}
+        allowed = {"prompt": {"instruction", "input"}, "prompt_with_input": {"instruction", "input"},
+                   "response": {"response"}}
+        for part, needed in wanted.items():
+            text = getattr(self, part)
+            if text is None:
+                continue
+            try:
+                found = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+            except ValueError as exc:
+                raise ValueError(f"template {part} is not a valid format string ({exc})") from None
+            if needed - found:
+                raise ValueError(f"template {part} lacks the placeholder(s) "
+                                 f"{', '.join('{' + n + '}' for n in sorted(needed - found))}")
+            if found - allowed[part]:
+                raise ValueError(f"template {part} has unknown placeholder(s) "
+                                 f"{', '.join('{' + n + '}' for n in sorted(found - allowed[part]))}")
+        return self
+
+
+BUILTIN_TEMPLATES = ("paper", "alpaca", "chat")
+
+
 class TemplateConfig(Section):
-    name: Literal["paper", "alpaca"] = "paper"
+    name: str = Field("paper", description="paper, alpaca, chat, or a key of template.custom")
+    custom: dict[str, UserTemplate] = Field(default_factory=dict)
     val_fraction: float = Field(0.05, ge=0, lt=1)
     test_fraction: float = Field(0.05, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _known_name(self) -> TemplateConfig:
+        if self.name not in BUILTIN_TEMPLATES and self.name not in self.custom:
+            names = ", ".join([*BUILTIN_TEMPLATES, *self.custom])
+            raise ValueError(f"unknown template '{self.name}' (choose from {names}, or define template.custom."
+                             f"{self.name}.prompt/response)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave rows for training")
+        return self
 
 
 class TokenizeConfig(Section):
     max_length: PositiveInt = 128
     batch_size: PositiveInt = 1000
+    packing: bool = Field(False, description="pack train examples into max_length blocks (val/test stay unpacked)")
+    max_truncated_share: float = Field(0.5, ge=0, le=1)
+    min_train_rows: PositiveInt = 1
+    min_eval_rows: int = Field(1, ge=0, description="rows each of val and test must have")
+    warn_only: list[str] = Field(default_factory=list, description="expectation types that warn instead of block")
 
 
 class ModelConfig(Section):
     name: str = "scratch:tiny"
     init_seed: int = 0
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout of from-scratch models")
+    trust_remote_code: bool = Field(False, description="allow a folder/Hub model to run its own Python code")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 class TrainConfig(Section):
@@ -79,17 +176,42 @@ class TrainConfig(Section):
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    gradient_accumulation_steps: PositiveInt = 1
     max_grad_norm: float = Field(1.0, gt=0)
     group_by_length: bool = Field(False, description="batch similar lengths together (less padding)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on GPU, else fp32")
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
     seed: int = 0
     logging_steps: PositiveInt = 25
-    work_pool: str | None = None
+    save_steps: int = Field(200, ge=0, description="checkpoint every N steps (0: only the final model)")
+    work_pool: str | None = Field(None, description="run fine-tune as a deployment on this Prefect work pool")
 
 
 class EvalConfig(Section):
     max_examples: PositiveInt = 200
     max_new_tokens: PositiveInt = 24
     batch_size: PositiveInt = 64
+    do_sample: bool = Field(False, description="false: greedy decoding")
+    temperature: float = Field(1.0, gt=0, description="sampling only")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling only")
+    seed: int = 0
+    stop_at_eos: bool = Field(True, description="false: always generate max_new_tokens (EOS suppressed)")
+    scoring: Literal["auto", "exact_match", "rouge_l"] = Field(
+        "auto", description="auto: exact match for checkable categories, ROUGE-L for free text")
+    max_labels: PositiveInt = Field(20, description="auto: a category with at most this many distinct answers "
+                                                    "(each seen at least twice on average) is classification-style")
+    report_samples: PositiveInt = 5
+
+
+class PromoteConfig(Section):
+    enabled: bool = True
+    primary_metric: str = Field("tuned_exact_match", description="losses/perplexities: lower is better; else higher")
+    min_improvement: float = Field(0.0, ge=0, description="the candidate must beat the champion by more than this")
+    tolerances: dict[str, float] = Field(
+        default_factory=lambda: {"tuned_val_loss": 0.05, "tuned_rouge_l": 0.02},
+        description="largest allowed regression (absolute) per other metric")
 
 
 class PipelineConfig(Section):
@@ -102,6 +224,7 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 

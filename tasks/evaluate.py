@@ -1,11 +1,16 @@
-"""Step 7, evaluate: perplexity on held-out response tokens and task accuracy, base beside tuned.
+"""Step 7, evaluate: perplexity and task accuracy on held-out data, base beside tuned; then promotion.
 
-PP = exp(L), L the mean cross-entropy over response tokens (prompt masked as in training).
-Accuracy: greedy generation on held-out test instructions, exact match after normalising spaces.
+PP = exp(L), L the mean cross-entropy over response tokens (prompt masked as in training), and
+also over full sequences (prompt + response), labelled as such. Task accuracy: generation on held-out
+test instructions, scored by exact match (normalised) where answers are checkable, by ROUGE-L
+otherwise, per category. The artifact holds metrics.json, samples.parquet, report.md and
+loss_curve.png; the task also publishes them as Prefect artifacts. `promote` then puts the model
+before the registry (tasks/registry.py).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -15,13 +20,18 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import ArtifactRef, Step
 from tasks.caching import finish_step, step_task_options
-from tasks.config import EvalConfig
-from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer, load_base_model, response_token_loss
+from tasks.config import EvalConfig, PromoteConfig
+from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer, load_base_model
+from tasks.registry import METRIC_LABELS, Registry, headline_metrics, upstream_config
 
 _SPACES = re.compile(r"\s+")
+# positions per LM-head call: 2,048 x 50,257 fp32 logits are ~400 MB, the most evaluation ever holds
+_HEAD_CHUNK = 2048
+REPORT, CURVE, SAMPLES, METRICS = "report.md", "loss_curve.png", "samples.parquet", "metrics.json"
 
 
 def normalize_answer(text: str) -> str:
@@ -29,64 +39,116 @@ def normalize_answer(text: str) -> str:
     return _SPACES.sub(" ", text).strip().rstrip(".").strip()
 
 
-def response_loss(model: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
-    """Give back mean cross-entropy per response token over `rows`, batch by batch."""
-    import torch
+def token_losses(model: Any, rows: list[dict[str, Any]], batch_size: int) -> dict[str, float]:
+    """Give back mean cross-entropy per response token and per full-sequence token over `rows`.
 
-    total, count = 0.0, 0
+    One forward per batch serves both; the LM head runs on at most _HEAD_CHUNK positions at a time,
+    so a batch's full logits (batch x length x 50,257) never exist at once.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sums = {"response": 0.0, "full_sequence": 0.0}
+    counts = {"response": 0, "full_sequence": 0}
+    head = model.get_output_embeddings()
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), width), 0, dtype=torch.long)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
             labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, r in enumerate(chunk):
                 n = len(r["input_ids"])
-                ids[i, :n] = torch.tensor(r["input_ids"])
-                labels[i, :n] = torch.tensor(r["labels"])
-                mask[i, :n] = 1
-            batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-            total += float(response_token_loss(model, batch, reduction="sum"))
-            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            real = mask[:, 1:].bool()
+            targets, is_response = ids[:, 1:][real], (labels[:, 1:] != IGNORE_INDEX)[real]
+            states = hidden[real]
+            losses = torch.cat([F.cross_entropy(head(states[i:i + _HEAD_CHUNK]).float(), targets[i:i + _HEAD_CHUNK],
+                                                reduction="none") for i in range(0, len(targets), _HEAD_CHUNK)])
+            sums["full_sequence"] += float(losses.sum())
+            counts["full_sequence"] += len(losses)
+            sums["response"] += float(losses[is_response].sum())
+            counts["response"] += int(is_response.sum())
+    return {name: sums[name] / max(counts[name], 1) for name in sums}
+
+
+def response_loss(model: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
+    """Give back mean cross-entropy per response token over `rows`, batch by batch."""
+    return token_losses(model, rows, batch_size)["response"]
 
 
 def generate_answers(model: Any, prompts: list[str], config: EvalConfig, max_prompt_tokens: int) -> list[str]:
-    """Give back greedy completions (text up to EOS) for each prompt."""
+    """Give back completions (text up to EOS, or max_new_tokens) for each prompt, per the eval config."""
     import torch
 
     tokenizer = gpt2_tokenizer()
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
+    settings: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
+                                "pad_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if config.do_sample:
+        settings.update(temperature=config.temperature, top_p=config.top_p)
+        torch.manual_seed(config.seed)
+    if not config.stop_at_eos:
+        settings["min_new_tokens"] = config.max_new_tokens  # EOS is masked out until the budget is used
     answers: list[str] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(prompts), config.batch_size):
             encoded = tokenizer(prompts[start:start + config.batch_size], return_tensors="pt", padding=True,
                                 truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
-            output = model.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            new_tokens = output[:, encoded["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            output = model.generate(**encoded, **settings)
+            answers += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
 
 
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    """Give back the ROUGE-L F1 of each prediction against its reference (Google's rouge-score)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
+
+
+def category_scoring(references: pd.DataFrame, config: EvalConfig, checkable: bool) -> dict[str, str]:
+    """Give back exact_match or rouge_l per category of `references` (columns category, response).
+
+    Checkable data (the built-in tasks) is exact match throughout; otherwise a category whose answers
+    come from a small, repeating set (classification-style) is exact match and the rest ROUGE-L.
+    """
+    categories = references["category"].fillna("").astype(str)
+    if config.scoring != "auto" or checkable:
+        return dict.fromkeys(categories.unique(), "exact_match" if checkable else config.scoring)
+    scoring = {}
+    for category, answers in references["response"].groupby(categories):
+        distinct = answers.map(normalize_answer).nunique()
+        scoring[category] = "exact_match" if distinct <= config.max_labels and 2 * distinct <= len(answers) \
+            else "rouge_l"
+    return scoring
+
+
 def evaluate_model(model: Any, tokenized: pd.DataFrame, test_prompts: pd.DataFrame, config: EvalConfig,
-                   max_prompt_tokens: int) -> tuple[dict[str, float], list[str], list[bool]]:
-    """Give back (loss/perplexity/accuracy figures, generated answers, exact-match flags) for one model."""
+                   max_prompt_tokens: int) -> tuple[dict[str, float], pd.DataFrame]:
+    """Give back (loss/perplexity figures, per-example output/exact/rouge_l frame) for one model."""
     figures: dict[str, float] = {}
     for split in ("val", "test"):
         rows = tokenized[tokenized["split"] == split].to_dict(orient="records")
         if rows:
-            loss = response_loss(model, rows, config.batch_size)
-            figures[f"{split}_loss"] = loss
-            figures[f"{split}_perplexity"] = math.exp(min(loss, 50))
+            for kind, loss in token_losses(model, rows, config.batch_size).items():
+                suffix = "" if kind == "response" else f"_{kind}"
+                figures[f"{split}_loss{suffix}"] = loss
+                figures[f"{split}_perplexity{suffix}"] = math.exp(min(loss, 50))
     answers = generate_answers(model, test_prompts["prompt"].tolist(), config, max_prompt_tokens)
-    hits = [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, test_prompts["response"], strict=True)]
-    figures["exact_match"] = sum(hits) / max(len(hits), 1)
-    return figures, answers, hits
+    references = test_prompts["response"].tolist()
+    scored = pd.DataFrame({
+        "output": answers,
+        "exact": [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, references, strict=True)],
+        "rouge_l": rouge_l(answers, references),
+    })
+    return figures, scored
 
 
 STEP = Step("evaluate", __file__)
@@ -94,7 +156,7 @@ STEP = Step("evaluate", __file__)
 
 def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetuned: Path) -> tuple[
         pd.DataFrame, dict[str, Any]]:
-    """Evaluate base and tuned models; give back (samples frame, metrics)."""
+    """Evaluate base and tuned models on the same examples; give back (samples frame, metrics)."""
     from transformers import AutoModelForCausalLM
 
     finetune_manifest = json.loads((finetuned / "manifest.json").read_text(encoding="utf-8"))
@@ -103,53 +165,146 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
     tokens = tokens[tokens["split"] != "train"]
     prompts = pd.read_parquet(templated / "data.parquet", columns=["split", "category", "prompt", "response",
                                                                      "instruction", "input"])
+    prompts["category"] = prompts["category"].fillna("").astype(str)
     test = prompts[prompts["split"] == "test"].head(config.max_examples).reset_index(drop=True)
+    source = (upstream_config(templated, "ingest") or {}).get("source", "")
+    scoring = category_scoring(prompts, config, checkable=str(source).startswith("builtin:"))
     tuned = AutoModelForCausalLM.from_pretrained(finetuned / "model", local_files_only=True)
     base = load_base_model(model_config["name"], model_config["init_seed"], model_config.get("dropout", 0.0))
     max_prompt_tokens = tuned.config.n_positions - config.max_new_tokens
-    tuned_figures, tuned_answers, tuned_hits = evaluate_model(tuned, tokens, test, config, max_prompt_tokens)
-    base_figures, base_answers, base_hits = evaluate_model(base, tokens, test, config, max_prompt_tokens)
-    samples = test.assign(base_output=base_answers, tuned_output=tuned_answers, base_correct=base_hits,
-                          tuned_correct=tuned_hits)
-    per_category = samples.groupby("category")[["base_correct", "tuned_correct"]].mean().round(4)
-    metrics = {
-        **{f"tuned_{k}": v for k, v in tuned_figures.items()},
-        **{f"base_{k}": v for k, v in base_figures.items()},
-        "examples": len(test),
-        "per_category": per_category.to_dict(orient="index"),
-        "train_final_loss": finetune_manifest.get("final_loss"),
-    }
+    samples = test.assign(scoring=test["category"].map(scoring))
+    metrics: dict[str, Any] = {}
+    for name, model in (("tuned", tuned), ("base", base)):
+        figures, scored = evaluate_model(model, tokens, test, config, max_prompt_tokens)
+        score = scored["exact"].astype(float).where(samples["scoring"] == "exact_match", scored["rouge_l"])
+        samples = samples.assign(**{f"{name}_output": scored["output"], f"{name}_correct": scored["exact"],
+                                    f"{name}_rouge_l": scored["rouge_l"], f"{name}_score": score})
+        figures.update(exact_match=scored["exact"].mean(), rouge_l=scored["rouge_l"].mean(), task_score=score.mean())
+        metrics.update({f"{name}_{k}": float(v) for k, v in figures.items() if not pd.isna(v)})
+    per_category = samples.groupby("category").agg(scoring=("scoring", "first"), examples=("scoring", "size"),
+                                                   base=("base_score", "mean"), tuned=("tuned_score", "mean"))
+    metrics.update(examples=len(test), per_category=per_category.round(4).to_dict(orient="index"),
+                   train_final_loss=finetune_manifest.get("final_loss"), train_steps=finetune_manifest.get("steps"))
     return samples, metrics
 
 
-def report_markdown(metrics: dict[str, Any], samples: pd.DataFrame) -> str:
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Give back the headline table: one row per metric measured, base beside tuned."""
+    return [{"metric": label, "base": round(metrics[f"base_{name}"], 4), "tuned": round(metrics[f"tuned_{name}"], 4)}
+            for name, label in METRIC_LABELS if f"tuned_{name}" in metrics and f"base_{name}" in metrics]
+
+
+def category_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"category": category or "(none)", **row} for category, row in metrics["per_category"].items()]
+
+
+def _clip(text: Any, width: int = 80) -> str:
+    text = _SPACES.sub(" ", str(text)).strip().replace("|", "\\|")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def report_markdown(metrics: dict[str, Any], samples: pd.DataFrame, count: int = 5, image: str = CURVE) -> str:
     """Give back the evaluation report as markdown: headline table, per category, a few generations."""
-    lines = ["# itune evaluation", "", "| metric | base | tuned |", "|---|---|---|"]
-    for name in ("val_loss", "val_perplexity", "test_loss", "test_perplexity", "exact_match"):
-        if f"tuned_{name}" in metrics:
-            lines.append(f"| {name} | {metrics[f'base_{name}']:.4f} | {metrics[f'tuned_{name}']:.4f} |")
-    lines += ["", "| category | base exact match | tuned exact match |", "|---|---|---|"]
-    for category, row in metrics["per_category"].items():
-        lines.append(f"| {category} | {row['base_correct']:.3f} | {row['tuned_correct']:.3f} |")
-    lines += ["", "## Sample generations", ""]
-    for row in samples.head(5).itertuples():
-        lines.append(f"- **{row.instruction}** {row.input} → reference `{row.response}`, base "
-                     f"`{row.base_output.strip()[:60]}`, tuned `{row.tuned_output.strip()[:60]}`")
+    lines = [f"# itune evaluation ({metrics['examples']} held-out test examples)", "", "| metric | base | tuned |",
+             "|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['base']:.4f} | {r['tuned']:.4f} |" for r in metric_rows(metrics)]
+    lines += ["", "| category | scoring | examples | base | tuned |", "|---|---|---|---|---|"]
+    lines += [f"| {r['category']} | {r['scoring']} | {r['examples']} | {r['base']:.3f} | {r['tuned']:.3f} |"
+              for r in category_rows(metrics)]
+    lines += ["", "## Sample generations", "", "| instruction | input | reference | base | tuned |",
+              "|---|---|---|---|---|"]
+    for row in samples.head(count).itertuples():
+        lines.append(f"| {_clip(row.instruction)} | {_clip(row.input, 40)} | {_clip(row.response, 40)} | "
+                     f"{_clip(row.base_output, 40)} | {_clip(row.tuned_output, 40)} |")
+    lines += ["", "## Loss curve", "", f"![train and val loss]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def plot_loss_curve(log_file: Path, metrics: dict[str, Any], out: Path) -> None:
+    """Write the training loss per logged step, and the val loss where it was measured, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    log = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if log_file.is_file() else []
+    train = [(e["step"], e["loss"]) for e in log if "loss" in e and "step" in e]
+    val = [(e["step"], e["eval_loss"]) for e in log if "eval_loss" in e and "step" in e]
+    val_label, val_style = "val (response tokens)", "o--"
+    if not val and "tuned_val_loss" in metrics:
+        # no val loss during training: only the start (base model) and the end (tuned) were measured, so
+        # they are drawn as two points, not a line that would invent the path between them
+        val = [(0, metrics["base_val_loss"]), (metrics.get("train_steps") or (train[-1][0] if train else 1),
+                                               metrics["tuned_val_loss"])]
+        val_label, val_style = "val (response tokens), measured at start and end only", "o"
+    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=90)
+    if train:
+        axis.plot(*zip(*train, strict=True), label="train (response tokens)", color="tab:blue")
+    if val:
+        axis.plot(*zip(*val, strict=True), val_style, label=val_label, color="tab:orange")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.set_title("fine-tune loss")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
 
 
 def write_evaluate_artifact(config: EvalConfig, inputs: list[Path], out: Path) -> dict[str, Any]:
     samples, metrics = write_evaluate(config, *inputs)
-    samples.to_parquet(out / "samples.parquet", index=False)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(report_markdown(metrics, samples), encoding="utf-8")
+    samples.to_parquet(out / SAMPLES, index=False)
+    (out / METRICS).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_loss_curve(inputs[2] / "training_log.jsonl", metrics, out / CURVE)
+    (out / REPORT).write_text(report_markdown(metrics, samples, config.report_samples), encoding="utf-8")
     return {"rows": len(samples), "metrics": metrics}
+
+
+def publish_report(folder: Path) -> None:
+    """Show an evaluation in the Prefect UI: the report with its plot inline, the tables, a link to the PNG."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
+    # the UI cannot read the artifact folder, so the plot travels inside the markdown as a data URI
+    image = "data:image/png;base64," + base64.b64encode((folder / CURVE).read_bytes()).decode("ascii")
+    report = (folder / REPORT).read_text(encoding="utf-8").replace(f"]({CURVE})", f"]({image})")
+    create_markdown_artifact(report, key="itune-evaluation", description=f"evaluation report, {folder}")
+    create_table_artifact(metric_rows(metrics), key="itune-metrics", description="held-out metrics, base vs tuned")
+    create_table_artifact(category_rows(metrics), key="itune-per-category", description="task score per category")
+    create_link_artifact((folder / CURVE).as_uri(), link_text="loss curve (PNG)", key="itune-loss-curve")
 
 
 @task(**step_task_options(STEP))
 def evaluate(config: dict[str, Any], root: str, templated: ArtifactRef, tokenized: ArtifactRef,
              finetuned: ArtifactRef) -> ArtifactRef:
-    """Prefect task: the evaluation artifact (metrics, samples, report) for this model and data."""
+    """Prefect task: the evaluation artifact (metrics, samples, report, loss curve) for this model and data."""
     ref, built = STEP.produce(config, root, [templated, tokenized, finetuned],
                               lambda out, inputs: write_evaluate_artifact(EvalConfig(**config), inputs, out))
+    publish_report(ref.path)
     return finish_step(root, ref, built)
+
+
+def decision_markdown(decision: dict[str, Any]) -> str:
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    lines = [f"# Model {decision['candidate']}: {verdict} ({decision['how']})", "",
+             f"champion now: {decision['champion']} (before: {decision['champion_before']})", ""]
+    return "\n".join(lines + [f"- {reason}" for reason in decision["reasons"]]) + "\n"
+
+
+@task(name="promote", cache_policy=NO_CACHE, persist_result=False)
+def promote(config: dict[str, Any], root: str, evaluated: ArtifactRef, finetuned: ArtifactRef) -> dict[str, Any]:
+    """Prefect task: record the evaluated model in the registry and promote it if it beats the champion."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.logging import get_run_logger
+    from prefect.runtime import flow_run
+
+    manifest = json.loads((evaluated.path / "manifest.json").read_text(encoding="utf-8"))
+    candidate = {"model_key": finetuned.key, "model_uri": finetuned.uri, "evaluate_key": evaluated.key,
+                 "evaluate_uri": evaluated.uri, "metrics": headline_metrics(manifest["metrics"])}
+    decision = Registry(root).consider(candidate, PromoteConfig(**config), flow_run.id)
+    get_run_logger().info("model %s %s: %s", finetuned.key, "promoted" if decision["promoted"] else "not promoted",
+                          "; ".join(decision["reasons"]))
+    create_markdown_artifact(decision_markdown(decision), key="itune-promotion", description="promotion decision")
+    return decision

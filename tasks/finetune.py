@@ -2,14 +2,18 @@
 
 The loop is transformers' Trainer; itune only supplies the loss (the LM head applied only where a
 response token is predicted, the same cross-entropy at a fraction of the compute), the batches
-(dynamic padding with length grouping) and progress reporting to Prefect.
+(dynamic padding with length grouping, or packed blocks), checkpoints that a rerun resumes exactly,
+and progress reporting to Prefect.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,44 +22,192 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, Step
+from tasks.artifacts import ArtifactRef, ArtifactStore, Step, canonical_json, sha256_text
 from tasks.caching import finish_step, step_task_options
 from tasks.config import ModelConfig, TrainConfig
-from tasks.modeling import IGNORE_INDEX, count_parameters, gpt2_tokenizer, load_base_model, response_token_loss
+from tasks.modeling import (
+    IGNORE_INDEX,
+    count_parameters,
+    gpt2_tokenizer,
+    load_base_model,
+    pad_batch,
+    response_token_loss,
+)
 
 MODEL_DIR = "model"
 TRAINING_LOG = "training_log.jsonl"
+CHECKPOINT_MARK = "itune-checkpoint.json"
+# Settings that change what is trained; the others (logging, checkpoint cadence, pool, time budget)
+# can differ between a crashed run and its resume without changing the result.
+_TRAJECTORY_FREE = {"logging_steps", "save_steps", "work_pool", "max_seconds"}
 
 
-def _progress_callback(logger: logging.Logger | None, max_seconds: float | None):
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be resumed from: made for other data or settings, or already past the end."""
+
+
+def run_fingerprint(data: str, model_config: ModelConfig, train_config: TrainConfig, world_size: int) -> str:
+    """Give back the identity of one training trajectory: a checkpoint resumes only into the same one."""
+    train = {k: v for k, v in train_config.model_dump(mode="json").items() if k not in _TRAJECTORY_FREE}
+    payload = {"data": data, "model": model_config.model_dump(mode="json"), "train": train, "world_size": world_size}
+    return sha256_text(canonical_json(payload))[:16]
+
+
+def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
+    """Give back a content hash of tokenized rows (for callers that have no artifact sha256 to offer)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("input_ids", "labels", "position_ids"):
+            digest.update(repr(list(row.get(key) or ())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def mark_checkpoint_complete(folder: Path, fingerprint: str, step: int, final: bool) -> None:
+    """Write the mark that makes a Trainer checkpoint folder resumable, atomically and after its files.
+
+    Trainer writes checkpoint files in place; a kill -9 can leave a folder with some of them. The
+    mark lists every file's size and is renamed into place last, so only a whole checkpoint has one.
+    """
+    _fsync_tree(folder)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    mark = {"fingerprint": fingerprint, "global_step": step, "final": final, "files": files}
+    temp = folder / f".{CHECKPOINT_MARK}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(mark))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, folder / CHECKPOINT_MARK)
+
+
+def _read_mark(folder: Path) -> dict[str, Any] | None:
+    try:
+        mark = json.loads((folder / CHECKPOINT_MARK).read_text(encoding="utf-8"))
+        files = mark["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for name, size in files.items():
+        file = folder / name
+        if not file.is_file() or file.stat().st_size != size:
+            return None
+    return mark
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+    """Give back the newest complete checkpoint for this run, after removing half-written ones.
+
+    Raises CheckpointError when the newest complete checkpoint belongs to another run: resuming
+    it would silently train the wrong thing.
+    """
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for folder in checkpoint_dir.glob("checkpoint-*"):
+        mark = _read_mark(folder)
+        if mark is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            found.append((mark["global_step"], folder, mark))
+    if not found:
+        return None
+    _, folder, mark = max(found, key=lambda item: item[0])
+    if mark["fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {folder} was made for other data or training settings (run {mark['fingerprint']}, "
+            f"this run {fingerprint}); delete {checkpoint_dir} to start over"
+        )
+    return folder, mark
+
+
+def _progress_callback(logger: logging.Logger | None, max_seconds: float | None, checkpoint_dir: Path, fingerprint: str,
+               resumed: dict[str, Any] | None):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """Logs loss, lr and target tokens/s; stops cleanly once the time budget is spent."""
+        """Logs loss, lr and target tokens/s, mirrors progress into a Prefect artifact, stops on the time budget."""
 
         def __init__(self) -> None:
             self.started = time.perf_counter()
             self.targets_seen = 0
+            self.artifact_id = None
+
+        def _report(self, state, description: str) -> None:
+            if self.artifact_id is None:
+                return
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
+                                     description=description)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if resumed is not None and resumed["global_step"] >= state.max_steps and not resumed["final"]:
+                raise CheckpointError(
+                    f"checkpoint at step {resumed['global_step']} is past this run's {state.max_steps} steps; "
+                    f"resuming would skip training. Delete {checkpoint_dir} to start over"
+                )
+            from prefect.context import TaskRunContext
+
+            if state.is_world_process_zero and TaskRunContext.get() is not None:
+                from prefect.artifacts import create_progress_artifact
+
+                self.artifact_id = create_progress_artifact(
+                    100.0 * state.global_step / max(state.max_steps, 1), key="itune-finetune-progress",
+                    description=f"fine-tune: step {state.global_step}/{state.max_steps}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logger is not None and logs and "loss" in logs:
-                rate = self.targets_seen / max(time.perf_counter() - self.started, 1e-9)
-                logger.info("step %d/%d loss %.4f lr %.2e target tokens/s %.0f", state.global_step,
-                            state.max_steps, logs["loss"], logs.get("learning_rate", 0.0), rate)
+            if not (logs and "loss" in logs and state.is_world_process_zero):
+                return
+            rate = self.targets_seen / max(time.perf_counter() - self.started, 1e-9)
+            line = (f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0.0):.2e} target tokens/s {rate:.0f}")
+            if logger is not None:
+                logger.info(line)
+            self._report(state, f"fine-tune: {line}")
 
         def on_step_end(self, args, state, control, **kwargs):
             if max_seconds is not None and time.perf_counter() - self.started > max_seconds:
                 control.should_training_stop = True
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                final = state.global_step >= state.max_steps or control.should_training_stop
+                mark_checkpoint_complete(checkpoint_dir / f"checkpoint-{state.global_step}", fingerprint,
+                                         state.global_step, final)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._report(state, f"fine-tune finished at step {state.global_step}")
 
     return Progress()
 
 
+def _precision(train_config: TrainConfig, use_gpu: bool) -> dict[str, bool]:
+    import torch
+
+    if not use_gpu or train_config.precision == "fp32":
+        return {}  # CPU autocast gains nothing for GPT-2 here and costs accuracy
+    if train_config.precision == "auto":
+        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+    return {train_config.precision: True}
+
+
 def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, train_config: TrainConfig,
-                out: Path, work_dir: Path, logger: logging.Logger | None = None) -> dict[str, Any]:
-    """Train on tokenized rows and save the model folder into `out`; give back training figures."""
+                out: Path, checkpoint_dir: Path, logger: logging.Logger | None = None,
+                data_fingerprint: str | None = None, callbacks: list[Any] = ()) -> dict[str, Any]:
+    """Train on tokenized rows and save the model folder into `out`; give back training figures.
+
+    Checkpoints go to `checkpoint_dir`; when it holds a complete checkpoint of this same run,
+    training resumes from it (weights, optimizer, scheduler, RNG and data position).
+    """
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import ProgressCallback
 
     class ProgressBarOnly(ProgressCallback):
@@ -66,62 +218,93 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
 
     class ResponseOnlyTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = response_token_loss(model, inputs)
+            if num_items_in_batch is None:
+                loss = response_token_loss(model, inputs)
+            else:
+                # Sum over this micro-batch / target tokens of the whole (accumulated, all-process)
+                # batch: every target token weighs the same, however accumulation and DDP split it.
+                loss = response_token_loss(model, inputs, reduction="sum") / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    loss = loss * self.args.world_size  # DDP averages gradients over processes
             progress.targets_seen += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
             return (loss, None) if return_outputs else loss
 
     set_seed(train_config.seed)
     tokenizer = gpt2_tokenizer()
-    model = load_base_model(model_config.name, model_config.init_seed, model_config.dropout)
+    model = load_base_model(model_config.name, model_config.init_seed, model_config.dropout,
+                            trust_remote_code=model_config.trust_remote_code,
+                            attn_implementation=model_config.attn_implementation)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.eos_token_id
-    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train_rows])
+    pad_id = model.config.pad_token_id  # the model's own: a small-vocabulary model may not have GPT-2's 50256
+    if train_config.torch_compile:
+        model.base_model.compile()  # in place, so saved weights keep their plain names
+    columns = ["input_ids", "labels"] + (["position_ids"] if train_rows and "position_ids" in train_rows[0] else [])
+    dataset = Dataset.from_list([{**{c: r[c] for c in columns}, "length": len(r["input_ids"])} for r in train_rows])
     use_gpu = torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    fingerprint = run_fingerprint(data_fingerprint or rows_fingerprint(train_rows), model_config, train_config,
+                                  world_size)
+    found = resumable_checkpoint(checkpoint_dir, fingerprint)
+    resume_from, resumed = (found[0], found[1]) if found else (None, None)
+    if resume_from is not None and logger is not None:
+        logger.info("resuming from %s (step %d)", resume_from, resumed["global_step"])
     args = TrainingArguments(
-        output_dir=str(work_dir),
+        output_dir=str(checkpoint_dir),
         num_train_epochs=train_config.epochs,
         max_steps=train_config.max_steps,
         per_device_train_batch_size=train_config.batch_size,
+        gradient_accumulation_steps=train_config.gradient_accumulation_steps,
         learning_rate=train_config.learning_rate,
         weight_decay=train_config.weight_decay,
-        warmup_steps=train_config.warmup_ratio,
-        lr_scheduler_type="cosine",
+        optim="adamw_torch_fused",  # one kernel per step on CUDA and CPU (torch >= 2.4)
+        warmup_steps=train_config.warmup_ratio,  # transformers 5: a value below 1 is a ratio of all steps
+        lr_scheduler_type=train_config.lr_scheduler,
         logging_steps=train_config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if train_config.save_steps else "no",
+        save_steps=train_config.save_steps or 1,
+        save_total_limit=2,
         report_to="none",
         seed=train_config.seed,
+        data_seed=train_config.seed,
         max_grad_norm=train_config.max_grad_norm,
         train_sampling_strategy="group_by_length" if train_config.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        activation_checkpointing=train_config.gradient_checkpointing,
         use_cpu=not use_gpu,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        ddp_backend="gloo" if world_size > 1 and not use_gpu else None,
         disable_tqdm=False,
+        **_precision(train_config, use_gpu),
     )
-    progress = _progress_callback(logger, train_config.max_seconds)
+    progress = _progress_callback(logger, train_config.max_seconds, checkpoint_dir, fingerprint, resumed)
     trainer = ResponseOnlyTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
-        callbacks=[progress],
+        data_collator=lambda rows: pad_batch(rows, pad_id), callbacks=[progress, *callbacks],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBarOnly)
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    model.save_pretrained(out / MODEL_DIR)
-    tokenizer.save_pretrained(out / MODEL_DIR)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    with open(out / TRAINING_LOG, "w", encoding="utf-8") as handle:
-        for entry in history:
-            handle.write(json.dumps(entry) + "\n")
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out / MODEL_DIR)
+        tokenizer.save_pretrained(out / MODEL_DIR)
+        with open(out / TRAINING_LOG, "w", encoding="utf-8") as handle:
+            for entry in history:
+                handle.write(json.dumps(entry) + "\n")
     final_loss = history[-1]["loss"] if history else float(result.training_loss)
     return {
         "steps": trainer.state.global_step,
+        "resumed_from_step": resumed["global_step"] if resumed else None,
         "train_loss": float(result.training_loss),
         "final_loss": float(final_loss),
         "train_seconds": round(seconds, 2),
         "target_tokens_per_second": round(progress.targets_seen / max(seconds, 1e-9), 1),
         "parameters": count_parameters(model),
         "device": "cuda" if use_gpu else "cpu",
+        "world_size": world_size,
         "final_perplexity_train": math.exp(min(final_loss, 50)),
     }
 
@@ -129,16 +312,26 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
 STEP = Step("finetune", __file__)
 
 
-def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: logging.Logger | None = None
-                   ) -> dict[str, Any]:
+def checkpoint_dir_for(config: dict[str, Any], root: str, tokenized: ArtifactRef) -> Path:
+    """Give back the stable checkpoint folder of this fine-tune: keyed like the artifact, so a rerun finds it."""
+    return ArtifactStore(root).root / STEP.name / f".checkpoints-{STEP.key(config, [tokenized])}"
+
+
+def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: logging.Logger | None = None,
+                   checkpoint_dir: Path | None = None, data_fingerprint: str | None = None) -> dict[str, Any]:
     """Train on the train split of a tokenize artifact; give back the figures for the manifest."""
-    table = pq.read_table(tokenized / "data.parquet", columns=["split", "input_ids", "labels"])
+    names = pq.read_schema(tokenized / "data.parquet").names
+    columns = ["split", "input_ids", "labels"] + (["position_ids"] if "position_ids" in names else [])
+    table = pq.read_table(tokenized / "data.parquet", columns=columns)
     rows = [r for r in table.to_pylist() if r["split"] == "train"]
     if not rows:
         raise ValueError(f"{tokenized}: the train split is empty; lower template.val_fraction/test_fraction")
-    with tempfile.TemporaryDirectory(prefix=".trainer-", dir=out.parent) as work_dir:
-        figures = train_model(rows, ModelConfig(**config["model"]), TrainConfig(**config["train"]), out,
-                              Path(work_dir), logger)
+    model_config, train_config = ModelConfig(**config["model"]), TrainConfig(**config["train"])
+    if checkpoint_dir is not None:
+        figures = train_model(rows, model_config, train_config, out, checkpoint_dir, logger, data_fingerprint)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".trainer-", dir=out.parent) as work_dir:
+            figures = train_model(rows, model_config, train_config, out, Path(work_dir), logger, data_fingerprint)
     return {"rows": len(rows), **figures}
 
 
@@ -148,6 +341,11 @@ def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef) -> Artif
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
-    ref, built = STEP.produce(config, root, [tokenized],
-                              lambda out, inputs: write_finetune(config, inputs[0], out, logger))
+    checkpoints = checkpoint_dir_for(config, root, tokenized)
+    ref, built = STEP.produce(
+        config, root, [tokenized],
+        lambda out, inputs: write_finetune(config, inputs[0], out, logger, checkpoints, tokenized.sha256))
+    # Once the model is published the checkpoints have done their job; a crash before this line
+    # leaves them for the rerun, which then resumes from the final one.
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return finish_step(root, ref, built)

@@ -3,7 +3,12 @@
 Canonical schema: id, instruction, input, response, source, category, messages (JSON text, multi-turn
 only). Formats: Alpaca, Dolly, Self-Instruct (`instances`), prompt/completion, ShareGPT, OpenAI
 messages, or an explicit column mapping. Containers: .jsonl/.json/.csv/.parquet (optionally .gz), a
-folder or a glob of them, and the built-in generator `builtin:tasks`.
+folder or a glob of them, a dataset through `datasets` (`hf:<Hub id or local data folder>`, or a folder
+written by `save_to_disk`), and the built-in generator `builtin:tasks`. Several sources can be mixed,
+each with a row cap and a weight (the share of its rows kept, chosen by id hash so it is stable).
+
+A source that cannot be read at all is one IngestError line naming the file (and line or column);
+a record that cannot become a row goes to quarantine with file, row, field, a code and a reason.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from prefect import task
 from tasks import builtin_tasks
 from tasks.artifacts import ArtifactRef, Step, canonical_json, sha256_file, sha256_text
 from tasks.caching import finish_step, step_task_options
-from tasks.config import DataConfig
+from tasks.config import DataConfig, SourceSpec
 
 CANONICAL_COLUMNS = ["id", "instruction", "input", "response", "source", "category", "messages"]
-QUARANTINE_COLUMNS = ["file", "row", "field", "reason", "raw"]
+QUARANTINE_COLUMNS = ["file", "row", "field", "code", "reason", "raw"]
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BUILTIN = "builtin:tasks"
+HUB = "hf:"
+# the fields a record must have in each format (checked once per columnar file, per record otherwise)
+REQUIRED = {"alpaca": ("instruction", "output"), "dolly": ("instruction", "response"),
+            "prompt_completion": ("prompt", "completion"), "self_instruct": ("instruction", "instances"),
+            "sharegpt": ("conversations",), "messages": ("messages",)}
 
 
 class IngestError(ValueError):
@@ -37,10 +47,15 @@ class IngestError(ValueError):
 class BadRow(ValueError):
     """One record that cannot become a canonical row; carries the offending field."""
 
-    def __init__(self, field: str, reason: str):
+    def __init__(self, field: str, reason: str, code: str = "bad_field"):
         super().__init__(reason)
         self.field = field
         self.reason = reason
+        self.code = code
+
+
+class _DuplicateKeys(ValueError):
+    pass
 
 
 # ---------------------------------------------------------------- finding and reading files
@@ -77,54 +92,80 @@ def _is_data_file(path: Path) -> bool:
     return _base_suffix(path) in DATA_SUFFIXES
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """Tell whether a folder was written by `datasets`' save_to_disk (read through `datasets`, not as files)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
 def _read_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
-    return gzip.decompress(raw) if path.suffix.lower() == ".gz" else raw
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
+    if path.suffix.lower() != ".gz":
+        return raw
     try:
-        return raw.decode("utf-8-sig")
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise IngestError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def _decode(path: Path, raw: bytes, per_line: bool) -> tuple[str, dict[int, str]]:
+    """Give back (text, {line: problem}); a JSONL file keeps its good lines when some are not UTF-8."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16"), {}
+    try:
+        return raw.decode("utf-8-sig"), {}
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise IngestError(
-            f"{path}: line {line}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
-        ) from None
+        if not per_line:
+            raise IngestError(
+                f"{path}: line {line}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
+            ) from None
+    lines, bad = [], {}
+    for number, chunk in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            lines.append(chunk.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            bad[number] = f"not valid UTF-8 at byte {exc.start} of the line (latin-1?); re-encode the file as UTF-8"
+            lines.append("")
+    return "\n".join(lines), bad
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     duplicated = sorted({k for k in keys if keys.count(k) > 1})
     if duplicated:
-        raise ValueError(f"duplicate key(s) {', '.join(duplicated)}")
+        raise _DuplicateKeys(f"duplicate key(s) {', '.join(duplicated)} in one record")
     return dict(pairs)
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """Yield (row number, record or None, problem) for each record of one file; rows count from 1."""
+Record = tuple[int, "dict[str, Any] | None", str, str]  # (row from 1, record or None, code, problem)
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """Yield (row number, record or None, code, problem) for each record of one file; rows count from 1."""
     kind = _base_suffix(path)
     if kind == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(io.BytesIO(_read_bytes(path)))
+        except IngestError:
+            raise
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise IngestError(f"{path}: unreadable Parquet file ({str(exc).splitlines()[0]})") from None
-        for number, record in enumerate(table.to_pylist(), start=1):
-            yield number, record, ""
+        if table.num_rows == 0:
+            yield 0, None, "empty_file", "the file holds no rows"
+        done = 0
+        for batch in table.to_batches(max_chunksize=10_000):
+            for number, record in enumerate(batch.to_pylist(), start=done + 1):
+                yield number, record, "", ""
+            done += batch.num_rows
         return
-    text = _decode(path, _read_bytes(path))
-    if not text.strip():
-        raise IngestError(f"{path}: the file is empty")
+    text, bad_lines = _decode(path, _read_bytes(path), per_line=kind == ".jsonl")
+    if not text.strip() and not bad_lines:
+        yield 0, None, "empty_file", "the file is empty"
+        return
     if kind == ".csv":
-        try:
-            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, ValueError) as exc:
-            raise IngestError(f"{path}: unreadable CSV ({str(exc).splitlines()[0]})") from None
-        for number, record in enumerate(frame.to_dict(orient="records"), start=1):
-            yield number, record, ""
+        yield from _csv_records(path, text)
     elif kind == ".json":
         try:
             data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
@@ -135,17 +176,55 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]
         if not isinstance(data, list):
             raise IngestError(f"{path}: a .json file must hold an array of records (or {{\"data\": [...]}})")
         for number, record in enumerate(data, start=1):
-            yield (number, record, "") if isinstance(record, dict) else (number, None, "record is not an object")
+            yield (number, record, "", "") if isinstance(record, dict) else (
+                number, None, "not_an_object", "record is not an object")
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: JSON text may hold U+2028 and friends, which splitlines() would cut at
+        for number, line in enumerate(text.split("\n"), start=1):
+            if number in bad_lines:
+                yield number, None, "not_utf8", bad_lines[number]
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line, object_pairs_hook=_reject_duplicate_keys)
-            except ValueError as exc:
-                yield number, None, f"invalid JSON: {exc}"
+            except _DuplicateKeys as exc:
+                yield number, None, "duplicate_keys", str(exc)
                 continue
-            yield (number, record, "") if isinstance(record, dict) else (number, None, "record is not an object")
+            except ValueError as exc:
+                yield number, None, "invalid_json", f"invalid JSON: {exc}"
+                continue
+            yield (number, record, "", "") if isinstance(record, dict) else (
+                number, None, "not_an_object", "record is not an object")
+
+
+def _csv_records(path: Path, text: str) -> Iterator[Record]:
+    import csv
+
+    # The csv module, not pandas: it reports the line of a broken quote and keeps every value as text.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except (csv.Error, StopIteration) as exc:
+        raise IngestError(f"{path}: line 1: unreadable CSV header ({exc})") from None
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise IngestError(f"{path}: line 1: duplicate column(s) {', '.join(duplicated)}")
+    number = 0
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise IngestError(f"{path}: line {reader.line_num}: unreadable CSV ({exc})") from None
+        number += 1
+        if "\x00" in "".join(values):
+            yield number, None, "nul_byte", "NUL byte in the row (binary data?)"
+        elif len(values) != len(header):
+            yield number, None, "wrong_field_count", f"{len(values)} fields, the header has {len(header)}"
+        else:
+            yield number, dict(zip(header, values, strict=True)), "", ""
 
 
 # ---------------------------------------------------------------- formats
@@ -173,10 +252,10 @@ def _text(record: dict[str, Any], field: str, required: bool = True) -> str:
     value = record.get(field)
     if value is None:
         if required:
-            raise BadRow(field, f"field '{field}' is missing or null")
+            raise BadRow(field, f"field '{field}' is missing or null", "missing_field")
         return ""
     if not isinstance(value, str):
-        raise BadRow(field, f"field '{field}' is {type(value).__name__}, expected text")
+        raise BadRow(field, f"field '{field}' is {type(value).__name__}, expected text", "wrong_type")
     return value
 
 
@@ -186,22 +265,22 @@ _ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 
 def _conversation_rows(turns: Any, field: str, role_key: str, text_key: str) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
-        raise BadRow(field, f"field '{field}' must be a non-empty list of turns")
+        raise BadRow(field, f"field '{field}' must be a non-empty list of turns", "bad_conversation")
     messages = []
     for turn in turns:
         if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
-            raise BadRow(field, f"a turn in '{field}' lacks text in '{text_key}'")
+            raise BadRow(field, f"a turn in '{field}' lacks text in '{text_key}'", "bad_conversation")
         role = _ROLE_NAMES.get(str(turn.get(role_key, "")).lower())
         if role is None:
-            raise BadRow(field, f"a turn in '{field}' has unknown role {turn.get(role_key)!r}")
+            raise BadRow(field, f"a turn in '{field}' has unknown role {turn.get(role_key)!r}", "bad_conversation")
         messages.append({"role": role, "content": turn[text_key]})
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()  # trailing user turns have no answer to learn from
     if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow(field, "conversation has no assistant turn")
+        raise BadRow(field, "conversation has no assistant turn", "no_assistant_turn")
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last_user is None:
-        raise BadRow(field, "conversation has no user turn")
+        raise BadRow(field, "conversation has no user turn", "no_user_turn")
     return messages
 
 
@@ -224,10 +303,12 @@ def to_canonical(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> l
         instruction = _text(record, "instruction")
         instances = record.get("instances")
         if not isinstance(instances, list) or not instances:
-            raise BadRow("instances", "field 'instances' must be a non-empty list")
+            raise BadRow("instances", "field 'instances' must be a non-empty list", "bad_instances")
+        if not all(isinstance(inst, dict) for inst in instances):
+            raise BadRow("instances", "every item of 'instances' must be an object", "bad_instances")
         category = str(record.get("name") or record.get("motivation_app") or "")
         return [{"instruction": instruction, "input": _text(inst, "input", False), "response": _text(inst, "output"),
-                 "category": category} for inst in instances if isinstance(inst, dict)]
+                 "category": category} for inst in instances]
     if fmt in ("sharegpt", "messages"):
         field, role_key, text_key = (("conversations", "from", "value") if fmt == "sharegpt"
                                      else ("messages", "role", "content"))
@@ -247,60 +328,144 @@ def row_id(instruction: str, input_text: str, response: str) -> str:
 # ---------------------------------------------------------------- the work function
 
 
+def _source_specs(config: DataConfig) -> list[SourceSpec]:
+    return config.sources or [SourceSpec(source=config.source)]
+
+
 def ingest_source(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Give back (canonical rows, quarantined records with file, row, field and reason)."""
-    rows: list[dict[str, str]] = []
-    quarantine: list[dict[str, Any]] = []
-    if config.source == BUILTIN:
-        for number, example in enumerate(builtin_tasks.generate(config.builtin_examples, config.seed), start=1):
-            rows.append({**example, "source": f"{BUILTIN}:{number}", "messages": ""})
-    else:
-        for path in resolve_files(config.source):
-            _ingest_file(path, config, rows, quarantine)
+    """Give back (canonical rows, quarantined records with file, row, field, code and reason)."""
+    frame, quarantine, _ = _ingest_all(config)
+    return frame, quarantine
+
+
+def _ingest_all(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    frames, quarantine, per_source = [], [], []
+    for spec in _source_specs(config):
+        rows: list[dict[str, str]] = []
+        if spec.source == BUILTIN:
+            for number, example in enumerate(builtin_tasks.generate(config.builtin_examples, config.seed), start=1):
+                rows.append({**example, "source": f"{BUILTIN}:{number}", "messages": ""})
+        else:
+            fmt = spec.format or config.format
+            columns = config.columns if spec.columns is None else spec.columns
+            for label, records in _record_streams(spec.source, config.hub_split):
+                _ingest_records(label, records, None if fmt == "auto" else fmt, columns, config.max_record_chars,
+                                rows, quarantine)
+        frame = _with_ids(pd.DataFrame(rows, columns=[c for c in CANONICAL_COLUMNS if c != "id"]).fillna(""))
+        read = len(frame)
+        if spec.weight < 1:
+            frame = frame[[_unit_hash(i) < spec.weight for i in frame["id"]]]
+        if spec.max_rows is not None:
+            frame = frame.head(spec.max_rows)
+        per_source.append({"source": spec.source, "rows_read": read, "rows_kept": len(frame)})
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
     if config.max_rows is not None:
-        rows = rows[: config.max_rows]
-    frame = pd.DataFrame(rows, columns=[c for c in CANONICAL_COLUMNS if c != "id"]).fillna("")
+        frame = frame.head(config.max_rows)
+    return (frame.astype(str).reset_index(drop=True),
+            pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str), per_source)
+
+
+def _with_ids(frame: pd.DataFrame) -> pd.DataFrame:
     texts = zip(frame["instruction"], frame["input"], frame["response"], strict=True)
     frame.insert(0, "id", [row_id(*text) for text in texts])
-    return frame.astype(str), pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str)
+    return frame
 
 
-def _ingest_file(path: Path, config: DataConfig, rows: list[dict[str, str]], quarantine: list[dict[str, Any]]) -> None:
-    fmt = None if config.format == "auto" else config.format
-    default_category = path.name.split(".")[0]
-    produced = 0
-    for number, record, problem in read_records(path):
+def _unit_hash(value: str) -> float:
+    # its own salt, so a source's weight sample is independent of the train/val/test split (also by id hash)
+    return int(sha256_text("weight:" + value)[:8], 16) / 0xFFFFFFFF
+
+
+def _record_streams(source: str, hub_split: str) -> Iterator[tuple[str, Iterator[Record]]]:
+    """Yield (label, records) per file of a source; a `datasets` dataset is one stream."""
+    if source.startswith(HUB) or is_saved_dataset(Path(source).expanduser()):
+        yield source, _dataset_records(source, hub_split)
+        return
+    for path in resolve_files(source):
+        yield str(path), read_records(path)
+
+
+def _dataset_records(source: str, split: str) -> Iterator[Record]:
+    """Records of a Hub dataset id, a local data folder given as `hf:<folder>`, or a save_to_disk folder."""
+    import datasets
+
+    try:
+        if source.startswith(HUB):
+            dataset = datasets.load_dataset(source[len(HUB):], split=split)
+        else:
+            dataset = datasets.load_from_disk(str(Path(source).expanduser()))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+    except KeyError:
+        raise IngestError(f"{source}: no split '{split}' (set data.hub_split)") from None
+    except Exception as exc:  # datasets raises many types (network, format, missing files)
+        raise IngestError(f"{source}: cannot load with datasets ({str(exc).splitlines()[0][:200]})") from None
+    for number, record in enumerate(dataset, start=1):
+        yield number, record, "", ""
+
+
+def _ingest_records(label: str, records: Iterator[Record], fmt: str | None, columns: dict[str, str],
+                    max_chars: int, rows: list[dict[str, str]], quarantine: list[dict[str, Any]]) -> None:
+    default_category = Path(label).name.split(".")[0]
+    checked = False
+
+    def reject(number: int, field: str, code: str, reason: str, record: Any = None) -> None:
+        raw = "" if record is None else json.dumps(record, default=str)[:2000]
+        quarantine.append({"file": label, "row": number, "field": field, "code": code, "reason": reason, "raw": raw})
+
+    for number, record, code, problem in records:
         if record is None:
-            quarantine.append({"file": str(path), "row": number, "field": "", "reason": problem, "raw": ""})
+            reject(number, "", code, problem)
             continue
-        if fmt is None and not config.columns:
+        if fmt is None and not columns:
             fmt = detect_format(record)
             if fmt is None:
                 raise IngestError(
-                    f"{path}: row {number}: unknown format (columns: {', '.join(sorted(record))}); "
+                    f"{label}: row {number}: unknown format (columns: {', '.join(sorted(record))}); "
                     "set data.format or map columns with data.columns.instruction=... and data.columns.response=..."
                 )
+        if not checked and not label.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+            # columnar sources share one header: a missing column is a file error, not a per-row one
+            needed = list(columns.values()) if columns else REQUIRED[fmt or ""]
+            missing = [c for c in needed if c not in record]
+            if missing:
+                raise IngestError(f"{label}: missing required column(s) {', '.join(missing)} for "
+                                  f"{'data.columns' if columns else 'format ' + str(fmt)} "
+                                  f"(columns: {', '.join(sorted(record))})")
+        checked = True
         try:
-            canonical = to_canonical(record, fmt or "", config.columns)
+            canonical = to_canonical(record, fmt or "", columns)
+            for row in canonical:
+                for field in ("instruction", "input", "response"):
+                    if len(row[field]) > max_chars:
+                        raise BadRow(field, f"field '{field}' has {len(row[field]):,} characters "
+                                            f"(limit data.max_record_chars={max_chars:,})", "record_too_large")
+                    if "\x00" in row[field]:
+                        raise BadRow(field, f"NUL byte in field '{field}' (binary data?)", "nul_byte")
         except BadRow as bad:
-            quarantine.append({"file": str(path), "row": number, "field": bad.field, "reason": bad.reason,
-                               "raw": json.dumps(record, default=str)[:2000]})
+            reject(number, bad.field, bad.code, bad.reason, record)
             continue
         for row in canonical:
             rows.append({**row, "category": row["category"] or default_category,
-                         "source": f"{path}:{number}", "messages": row.get("messages", "")})
-            produced += 1
-    if produced == 0 and not quarantine:
-        raise IngestError(f"{path}: no records found")
+                         "source": f"{label}:{number}", "messages": row.get("messages", "")})
 
 
 def source_fingerprint(config: dict[str, Any]) -> str:
-    """Give back a hash of the source content, so changed data makes a new ingest key."""
-    source = config["source"]
+    """Give back a hash of the sources' content, so changed data makes a new ingest key."""
+    specs = config.get("sources") or [{"source": config["source"]}]
+    return sha256_text(canonical_json([_one_fingerprint(spec["source"]) for spec in specs]))
+
+
+def _one_fingerprint(source: str) -> str:
     if source == BUILTIN:
         return builtin_tasks.GENERATOR_VERSION + ":" + sha256_file(Path(builtin_tasks.__file__))[:12]
+    local = Path(source[len(HUB):] if source.startswith(HUB) else source).expanduser()
+    if source.startswith(HUB) and not local.exists():
+        return "hub:" + source  # a Hub dataset's revision cannot be asked for offline; the id stands in
     try:
-        files = resolve_files(source)
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() and (
+            source.startswith(HUB) or is_saved_dataset(local)) else resolve_files(source)
     except IngestError:
         return "unresolved:" + source  # ingest itself reports the problem as a step failure
     return sha256_text(canonical_json([[str(f), sha256_file(f)] for f in files]))
@@ -311,12 +476,18 @@ STEP = Step("ingest", __file__, fingerprint=source_fingerprint)
 
 def write_ingest(config: DataConfig, out: Path) -> dict[str, Any]:
     """Write data.parquet and quarantine.parquet; give back the manifest's row counts."""
-    frame, quarantine = ingest_source(config)
+    frame, quarantine, per_source = _ingest_all(config)
     if frame.empty:
-        raise IngestError(f"{config.source}: no usable rows ({len(quarantine)} quarantined)")
+        first = ""
+        if len(quarantine):
+            q = quarantine.iloc[0]
+            first = f"; first: {q['file']}: row {q['row']}: {q['field'] + ': ' if q['field'] else ''}{q['reason']}"
+        raise IngestError(f"{config.source if not config.sources else 'data.sources'}: no usable rows "
+                          f"({len(quarantine)} quarantined{first})")
     frame.to_parquet(out / "data.parquet", index=False)
     quarantine.to_parquet(out / "quarantine.parquet", index=False)
-    return {"rows": len(frame), "quarantined": len(quarantine)}
+    return {"rows": len(frame), "quarantined": len(quarantine),
+            "quarantined_by_code": quarantine["code"].value_counts().to_dict(), "sources": per_source}
 
 
 @task(**step_task_options(STEP))

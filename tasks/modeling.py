@@ -63,11 +63,15 @@ def parse_scratch(name: str) -> tuple[int, int, int] | None:
     return SCRATCH_SIZES[size]
 
 
-def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_positions: int = 1024
-                    ) -> PreTrainedModel:
-    """Give back the model fine-tuning starts from: fresh GPT-2 weights, a local folder, or a Hub id."""
+def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_positions: int = 1024, *,
+                    trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """Give back the model fine-tuning starts from: fresh GPT-2 weights, a local folder, or a Hub id.
+
+    Remote code stays off unless the config asks for it: a folder or Hub repo could otherwise run
+    arbitrary Python at load time.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     shape = parse_scratch(name)
     if shape is not None:
@@ -78,16 +82,25 @@ def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_pos
             resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         )
         torch.manual_seed(init_seed)
-        return GPT2LMHeadModel(config)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    options = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
     if Path(name).expanduser().is_dir():
-        return AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), local_files_only=True)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name)
-    except OSError as exc:
-        raise ModelSourceError(
-            f"model '{name}' is neither a local folder nor reachable on the Hugging Face Hub "
-            f"({str(exc).splitlines()[0][:120]}); pass a folder written by save_pretrained, or scratch:tiny"
-        ) from None
+        model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), local_files_only=True, **options)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **options)
+        except OSError as exc:
+            raise ModelSourceError(
+                f"model '{name}' is neither a local folder nor reachable on the Hugging Face Hub "
+                f"({str(exc).splitlines()[0][:120]}); pass a folder written by save_pretrained, or scratch:tiny"
+            ) from None
+    # GPT-2 checkpoints ship without a pad token; padding with EOS is safe because padded positions
+    # are masked out of attention and labelled -100.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.pad_token_id
+    return model
 
 
 def response_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: str = "mean"
@@ -99,12 +112,40 @@ def response_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], 
     """
     import torch.nn.functional as F
 
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
-                              ).last_hidden_state
+    # Through the model's own forward (so a DDP wrapper syncs gradients), keeping one position's logits.
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), logits_to_keep=1, output_hidden_states=True,
+                    use_cache=False)
+    hidden = outputs.hidden_states[-1]
+    head = (model.module if hasattr(model, "module") else model).get_output_embeddings()
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][selected])
+    logits = head(hidden[:, :-1][selected])
     return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+
+
+def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Give back a right-padded batch: input_ids, labels (-100 on padding), attention_mask, position_ids if given.
+
+    Packed rows carry position_ids that restart at every packed example; they are kept so each
+    example sees positions from 0, as it would unpacked.
+    """
+    import torch
+
+    width = max(len(row["input_ids"]) for row in rows)
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        return torch.tensor([list(row[key]) + [fill] * (width - len(row[key])) for row in rows], dtype=torch.long)
+
+    batch = {
+        "input_ids": padded("input_ids", pad_token_id),
+        "labels": padded("labels", IGNORE_INDEX),
+        "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * (width - len(row["input_ids"]))
+                                        for row in rows], dtype=torch.long),
+    }
+    if "position_ids" in rows[0]:
+        batch["position_ids"] = padded("position_ids", 0)
+    return batch
 
 
 def count_parameters(model: Any) -> int:

@@ -1,12 +1,15 @@
 """Step 4, template: render each pair as S = [BOS, instruction, SEP, response, EOS] text, and split.
 
-Prompt and response are kept apart so tokenize can mask the prompt. The split comes from a hash of
-`id`, so adding rows never moves an old row between train, val and test.
+Prompt and response are kept apart so tokenize can mask the prompt. Templates: `paper`, `alpaca`,
+`chat` (whole multi-turn conversations from the `messages` column; the last assistant turn is the
+target) and user templates from `template.custom`. The split comes from a hash of `id`, so adding
+rows never moves an old row between train, val and test.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +37,31 @@ TEMPLATES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def render_prompt(template: str, instruction: str, input_text: str = "") -> str:
+CHAT_TURN = "<|{role}|>\n{content}\n"
+
+
+def template_parts(config: TemplateConfig) -> tuple[str, str, str]:
+    """Give back (prompt, prompt with input, response) format strings of the configured template."""
+    if config.name in config.custom:
+        user = config.custom[config.name]
+        return user.prompt, user.prompt_with_input or user.prompt, user.response
+    if config.name == "chat":
+        return "", "", "{response}" + EOS
+    return TEMPLATES[config.name]
+
+
+def render_prompt(template: str, instruction: str, input_text: str = "", parts: tuple[str, str, str] | None = None
+                  ) -> str:
     """Give back the prompt text for one instruction (what generation is conditioned on)."""
-    without_input, with_input, _ = TEMPLATES[template]
+    without_input, with_input, _ = parts or TEMPLATES[template]
     return (with_input if input_text else without_input).format(instruction=instruction, input=input_text)
+
+
+def render_chat(messages: str, instruction: str, input_text: str) -> str:
+    """Give back the chat prompt: every turn before the last assistant turn, then the assistant tag."""
+    turns = json.loads(messages)[:-1] if messages else [
+        {"role": "user", "content": instruction + ("\n\n" + input_text if input_text else "")}]
+    return BOS + "".join(CHAT_TURN.format(**turn) for turn in turns) + "<|assistant|>\n"
 
 
 def split_of(row_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -52,13 +76,20 @@ def split_of(row_id: str, val_fraction: float, test_fraction: float) -> str:
 
 def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
     """Give back id, split, category, prompt, completion and the raw fields kept for evaluation."""
-    response_template = TEMPLATES[config.name][2]
+    parts = template_parts(config)
+    if config.name == "chat":
+        messages = frame["messages"] if "messages" in frame else pd.Series("", index=frame.index)
+        prompts = [render_chat(m, i, x) for m, i, x in zip(messages, frame["instruction"], frame["input"],
+                                                            strict=True)]
+    else:
+        prompts = [render_prompt(config.name, i, x, parts)
+                   for i, x in zip(frame["instruction"], frame["input"], strict=True)]
     return pd.DataFrame({
         "id": frame["id"],
         "split": [split_of(i, config.val_fraction, config.test_fraction) for i in frame["id"]],
         "category": frame["category"],
-        "prompt": [render_prompt(config.name, i, x) for i, x in zip(frame["instruction"], frame["input"], strict=True)],
-        "completion": [response_template.format(response=r) for r in frame["response"]],
+        "prompt": prompts,
+        "completion": [parts[2].format(response=r) for r in frame["response"]],
         "instruction": frame["instruction"],
         "input": frame["input"],
         "response": frame["response"],
@@ -71,7 +102,8 @@ STEP = Step("template", __file__)
 def write_template(config: TemplateConfig, validated: Path, out: Path) -> dict[str, Any]:
     templated = apply_template(pd.read_parquet(validated / "data.parquet"), config)
     templated.to_parquet(out / "data.parquet", index=False)
-    return {"rows": len(templated), "splits": templated["split"].value_counts().to_dict()}
+    return {"rows": len(templated), "splits": templated["split"].value_counts().to_dict(),
+            "template": list(template_parts(config))}
 
 
 @task(**step_task_options(STEP))

@@ -3,27 +3,44 @@
 Prompt and completion are tokenized separately in batches and joined, so the boundary is exact.
 When an example is too long, the response is kept whole where possible and the prompt loses its
 middle (its start, the BOS, and its end, the SEP, stay).
+
+With `packing`, train examples are packed in order into blocks of at most max_length tokens; a block
+keeps `position_ids` restarting at 0 for each example (and `n_examples`), so a trainer can stop
+attention across examples where it supports that. Val and test rows stay one example per row. The
+written rows then pass the tokenized Great Expectations suite (data_checks/): a blocking failure
+stops the step, with the Data Docs kept in the artifact.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, Step
+from data_checks.gate import GateFailed, run_suites
+from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
+from tasks.artifacts import ArtifactRef, ArtifactStore, Step, sha256_text
 from tasks.caching import finish_step, step_task_options
 from tasks.config import TokenizeConfig
-from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer
+from tasks.modeling import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_tokenizer
 
 TOKENIZED_SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("category", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
     ("length", pa.int32()), ("n_target", pa.int32()), ("truncated", pa.bool_()),
 ])
+PACKED_SCHEMA = TOKENIZED_SCHEMA.append(pa.field("position_ids", pa.list_(pa.int32()))).append(
+    pa.field("n_examples", pa.int32()))
+
+
+class TokenizeGateFailed(GateFailed):
+    """A blocking expectation on the tokenized rows failed."""
 
 
 def fit_example(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -54,31 +71,120 @@ def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBa
     ], schema=TOKENIZED_SCHEMA)
 
 
+def pack_examples(examples: list[dict[str, Any]], open_block: dict[str, Any] | None, max_length: int
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Give back (full blocks, the block still open) after adding examples in order to `open_block`."""
+    blocks = []
+    for example in examples:
+        n = len(example["input_ids"])
+        if open_block is not None and len(open_block["input_ids"]) + n > max_length:
+            blocks.append(open_block)
+            open_block = None
+        if open_block is None:
+            open_block = {"ids": [], "categories": set(), "input_ids": [], "labels": [],
+                          "position_ids": [], "truncated": False}
+        open_block["ids"].append(example["id"])
+        open_block["categories"].add(example["category"])
+        open_block["input_ids"] += example["input_ids"]
+        # each example starts with its prompt (label -100), so no target ever crosses an example boundary
+        open_block["labels"] += example["labels"]
+        open_block["position_ids"] += range(n)
+        open_block["truncated"] |= example["truncated"]
+    return blocks, open_block
+
+
+def _block_rows(blocks: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {
+        "id": ["pack-" + sha256_text(",".join(b["ids"]))[:16] for b in blocks],
+        "split": ["train"] * len(blocks),
+        "category": [next(iter(b["categories"])) if len(b["categories"]) == 1 else "mixed" for b in blocks],
+        "input_ids": [b["input_ids"] for b in blocks], "labels": [b["labels"] for b in blocks],
+        "length": [len(b["input_ids"]) for b in blocks],
+        "n_target": [sum(1 for x in b["labels"] if x != IGNORE_INDEX) for b in blocks],
+        "truncated": [b["truncated"] for b in blocks],
+        "position_ids": [b["position_ids"] for b in blocks], "n_examples": [len(b["ids"]) for b in blocks],
+    }
+
+
+def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: int) -> pa.RecordBatch:
+    """Give back val/test rows as they are plus the train blocks completed by this batch."""
+    split = tokenized.column("split").to_numpy(zero_copy_only=False)
+    train = tokenized.filter(pa.array(split == "train")).to_pylist()
+    blocks, state["open"] = pack_examples(train, state.get("open"), max_length)
+    state["examples"] = state.get("examples", 0) + len(train)
+    rest = tokenized.filter(pa.array(split != "train"))
+    lengths = rest.column("length").to_pylist()
+    kept = {name: rest.column(name).to_pylist() for name in TOKENIZED_SCHEMA.names}
+    kept["position_ids"] = [list(range(n)) for n in lengths]
+    kept["n_examples"] = [1] * len(lengths)
+    packed = _block_rows(blocks)
+    return pa.RecordBatch.from_pydict({k: kept[k] + packed[k] for k in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)
+
+
 STEP = Step("tokenize", __file__)
 
 
 def write_tokenize(config: TokenizeConfig, templated: Path, out: Path) -> dict[str, Any]:
-    """Stream the templated rows through the tokenizer in Arrow batches; give back token statistics."""
+    """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics."""
     source = pq.ParquetFile(templated / "data.parquet")
-    rows = tokens = targets = truncated = zero_target = 0
-    with pq.ParquetWriter(out / "data.parquet", TOKENIZED_SCHEMA) as writer:
-        for batch in source.iter_batches(batch_size=config.batch_size,
-                                         columns=["id", "split", "category", "prompt", "completion"]):
+    schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
+    examples = truncated = zero_target = 0
+    token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
+    state: dict[str, Any] = {}
+    with pq.ParquetWriter(out / "data.parquet", schema) as writer:
+        batches = source.iter_batches(batch_size=config.batch_size,
+                                      columns=["id", "split", "category", "prompt", "completion"])
+        for batch in batches:
             tokenized = tokenize_batch(batch, config)
-            writer.write_batch(tokenized)
             n_target = tokenized.column("n_target").to_numpy()
-            rows += tokenized.num_rows
-            tokens += int(tokenized.column("length").to_numpy().sum())
-            targets += int(n_target.sum())
-            truncated += int(sum(tokenized.column("truncated").to_pylist()))
+            examples += tokenized.num_rows
+            truncated += int(np.sum(tokenized.column("truncated").to_numpy(zero_copy_only=False)))
             zero_target += int((n_target == 0).sum())
-    return {"rows": rows, "tokens": tokens, "target_tokens": targets, "truncated_share": truncated / max(rows, 1),
-            "zero_target_rows": zero_target}
+            ids = tokenized.column("input_ids").values.to_numpy()
+            labels = tokenized.column("labels").values.to_numpy()
+            if len(ids):
+                token_range = [min(token_range[0], int(ids.min())), max(token_range[1], int(ids.max())),
+                               min(token_range[2], int(labels.min())), max(token_range[3], int(labels.max()))]
+            if config.packing:
+                tokenized = _packed_batch(tokenized, state, config.max_length)
+            writer.write_batch(tokenized)
+        if state.get("open") is not None:
+            writer.write_batch(pa.RecordBatch.from_pydict(_block_rows([state["open"]]), schema=PACKED_SCHEMA))
+    written = pq.read_table(out / "data.parquet", columns=["id", "split", "category", "length", "n_target",
+                                                           "truncated"]).to_pandas()
+    splits = written["split"].value_counts()
+    tokens = int(written["length"].sum())
+    stats: dict[str, Any] = {
+        "rows": len(written), "examples": examples, "tokens": tokens, "target_tokens": int(written["n_target"].sum()),
+        "truncated_share": truncated / max(examples, 1), "zero_target_rows": zero_target,
+        "padding_share_at_max_length": 1 - tokens / max(len(written) * config.max_length, 1),
+        "min_token_id": token_range[0], "max_token_id": token_range[1],
+        "min_label": token_range[2], "max_label": token_range[3],
+        **{f"{name}_rows": int(splits.get(name, 0)) for name in ("train", "val", "test")},
+    }
+    if config.packing:
+        train = written[written["split"] == "train"]
+        stats["packed_examples"] = state.get("examples", 0)
+        stats["packing_efficiency"] = float(train["length"].sum()) / max(len(train) * config.max_length, 1)
+    report = run_suites({
+        "tokenized_rows": (written, tokenized_rows_expectations(config.max_length)),
+        "tokenized_summary": (pd.DataFrame([stats]), tokenized_summary_expectations(
+            GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows)),
+    }, out / "data_docs", set(config.warn_only))
+    (out / "report.json").write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
+    return {**stats, "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
+            "failure": report.failure_message() if report.blocking_failures else "",
+            "warnings": [o.describe() for o in report.warnings]}
 
 
 @task(**step_task_options(STEP))
 def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef) -> ArtifactRef:
-    """Prefect task: the tokenize artifact for this templated data."""
+    """Prefect task: the tokenize artifact for this templated data; raises when its gate blocks."""
     ref, built = STEP.produce(config, root, [templated],
                               lambda out, inputs: write_tokenize(TokenizeConfig(**config), inputs[0], out))
+    manifest = ArtifactStore(root).manifest(ref.step, ref.key) or {}
+    if not manifest.get("passed", False):
+        docs = Path(ref.uri) / "data_docs" / "index.html"
+        raise TokenizeGateFailed(f"{manifest.get('failure', 'tokenized data failed its checks')}. "
+                                 f"Data Docs: {docs.as_uri()}")
     return finish_step(root, ref, built)

@@ -16,34 +16,34 @@ import pandas as pd
 from prefect import task
 
 from data_checks.clean_suite import clean_rows_expectations, clean_summary_expectations
-from data_checks.gate import GateReport, run_suites
+from data_checks.gate import GateFailed, GateReport, run_suites
 from tasks.artifacts import ArtifactRef, ArtifactStore, Step
 from tasks.caching import finish_step, step_task_options
 from tasks.config import ValidateConfig
 
 
-class ValidationFailed(RuntimeError):
-    """A blocking expectation failed; the message lists which, what was observed, and the Data Docs link."""
+class ValidationFailed(GateFailed):
+    """A blocking expectation on the clean data failed (message: which, observed, wanted, Data Docs link)."""
 
 
 def check_clean_data(frame: pd.DataFrame, stats: dict[str, Any], config: ValidateConfig, docs_dir: Path) -> GateReport:
     """Give back the gate report for clean rows plus the clean step's summary counts."""
-    summary = pd.DataFrame([{"rows": len(frame), "quarantine_ratio": float(stats.get("quarantine_ratio", 0.0))}])
+    summary = pd.DataFrame([{
+        "rows": len(frame), "quarantine_ratio": float(stats.get("quarantine_ratio", 0.0)),
+        "duplicate_ratio": float(stats.get("duplicate_ratio", 0.0)),
+        "mean_instruction_chars": float(frame["instruction"].str.len().mean()) if len(frame) else 0.0,
+        "mean_response_chars": float(frame["response"].str.len().mean()) if len(frame) else 0.0,
+    }])
     return run_suites(
         {
             "clean_rows": (frame, clean_rows_expectations(config.max_instruction_chars, config.max_response_chars)),
-            "clean_summary": (summary, clean_summary_expectations(config.min_rows, config.max_quarantine_ratio)),
+            "clean_summary": (summary, clean_summary_expectations(
+                config.min_rows, config.max_quarantine_ratio, config.max_duplicate_ratio,
+                config.max_mean_instruction_chars, config.max_mean_response_chars)),
         },
         docs_dir,
         set(config.warn_only),
     )
-
-
-def failure_message(report: GateReport) -> str:
-    first = report.blocking_failures[:3]
-    more = len(report.blocking_failures) - len(first)
-    listed = "; ".join(o.describe() for o in first) + (f"; and {more} more" if more else "")
-    return f"{len(report.blocking_failures)} blocking expectation(s) failed: {listed}"
 
 
 STEP = Step("validate", __file__)
@@ -62,7 +62,8 @@ def write_validate(config: ValidateConfig, cleaned: Path, out: Path) -> dict[str
     return {
         "rows": len(frame),
         "passed": not report.blocking_failures,
-        "failure": failure_message(report) if report.blocking_failures else "",
+        "failure": report.failure_message() if report.blocking_failures else "",
+        "data_docs": "data_docs/index.html",
         "warnings": [o.describe() for o in report.warnings],
         "checks": len(report.outcomes),
     }

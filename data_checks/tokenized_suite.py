@@ -1,0 +1,44 @@
+"""Expectations over the tokenize artifact: schema, no nulls, lengths, targets, vocabulary, splits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROW_COLUMNS = ["id", "split", "category", "length", "n_target", "truncated"]
+
+
+def tokenized_rows_expectations(max_length: int) -> list[Any]:
+    """Give back the expectations every tokenized row (or packed block) must meet."""
+    import great_expectations.expectations as gxe
+
+    expectations: list[Any] = [gxe.ExpectTableColumnsToMatchSet(column_set=ROW_COLUMNS, exact_match=False)]
+    for column in ROW_COLUMNS:
+        expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
+    expectations += [
+        gxe.ExpectColumnValuesToBeOfType(column="id", type_="str"),
+        gxe.ExpectColumnValuesToBeInTypeList(column="length", type_list=["int32", "int64"]),
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"]),
+        gxe.ExpectColumnValuesToBeBetween(column="length", min_value=1, max_value=max_length),
+        # a row without target tokens teaches nothing and divides by zero in the loss: never allowed
+        gxe.ExpectColumnValuesToBeBetween(column="n_target", min_value=1),
+    ]
+    return expectations
+
+
+def tokenized_summary_expectations(vocab_size: int, max_truncated_share: float, min_train_rows: int,
+                                   min_eval_rows: int) -> list[Any]:
+    """Give back the expectations over the one-row summary of the tokenize step."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeBetween(column="zero_target_rows", min_value=0, max_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="truncated_share", min_value=0, max_value=max_truncated_share),
+        gxe.ExpectColumnValuesToBeBetween(column="min_token_id", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="max_token_id", max_value=vocab_size - 1),
+        gxe.ExpectColumnValuesToBeBetween(column="min_label", min_value=-100),
+        gxe.ExpectColumnValuesToBeBetween(column="max_label", max_value=vocab_size - 1),
+        gxe.ExpectColumnValuesToBeBetween(column="train_rows", min_value=min_train_rows),
+        gxe.ExpectColumnValuesToBeBetween(column="val_rows", min_value=min_eval_rows),
+        gxe.ExpectColumnValuesToBeBetween(column="test_rows", min_value=min_eval_rows),
+    ]

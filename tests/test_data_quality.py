@@ -1,0 +1,125 @@
+"""Clean, template and tokenize in depth: dedup, token bounds, chat and user templates, packing, the tokenize gate."""
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.clean import clean_rows, write_clean
+from tasks.config import CleanConfig, ConfigError, TemplateConfig, TokenizeConfig, load_config
+from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer
+from tasks.template import apply_template
+from tasks.tokenize import write_tokenize
+
+STORY = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old red barn "
+         "and the children play in the long green grass beside the quiet river")
+
+
+def _frame(rows):
+    base = {"input": "", "source": "s", "category": "c", "messages": ""}
+    rows = [{"id": str(i), **base, **r} for i, r in enumerate(rows)]
+    return pd.DataFrame(rows)
+
+
+def test_clean_drops_near_duplicates_and_token_bounds_with_reasons(tmp_path):
+    frame = _frame([
+        {"instruction": "Summarise the story.", "input": STORY, "response": "A fox and a farm."},
+        {"instruction": "Summarise the story.", "input": STORY, "response": "A fox and a farm!"},
+        {"instruction": "Summarise the story.", "input": STORY.upper(), "response": "A FOX AND A FARM."},
+        {"instruction": "Count", "input": "", "response": "word " * 40},
+        {"instruction": "Write about cats.", "input": "", "response": "Cats sleep a lot and purr when content."},
+    ])
+    kept, dropped = clean_rows(frame, CleanConfig(max_response_tokens=30))
+    reasons = dict(zip(dropped["id"], dropped["reason"], strict=True))
+    assert reasons == {"1": "near_duplicate", "2": "exact_duplicate", "3": "response_too_many_tokens"}
+    assert dropped.set_index("id").loc["1", "detail"] == "near duplicate of 0"
+    assert dropped.set_index("id").loc["3", "detail"] == "40 tokens > 30"
+    assert kept["id"].tolist() == ["0", "4"]
+    loose, _ = clean_rows(frame, CleanConfig(drop_near_duplicates=False, max_response_tokens=30))
+    assert "1" in set(loose["id"])  # only the MinHash check removed it
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    frame.to_parquet(ingest / "data.parquet")
+    pd.DataFrame(columns=["file", "row", "field", "code", "reason", "raw"]).to_parquet(ingest / "quarantine.parquet")
+    out = tmp_path / "clean"
+    out.mkdir()
+    stats = write_clean(CleanConfig(max_response_tokens=30), ingest, out)
+    assert stats["dropped"] == {"near_duplicate": 1, "exact_duplicate": 1, "response_too_many_tokens": 1}
+    assert stats["duplicate_ratio"] == pytest.approx(2 / 5)
+    assert len(pd.read_parquet(out / "quarantine.parquet")) == 3
+
+
+def test_optional_script_filter_drops_mostly_non_latin_rows():
+    frame = _frame([{"instruction": "Translate", "response": "Bonjour à tous"},
+                    {"instruction": "翻訳してください", "response": "こんにちは世界"}])
+    assert len(clean_rows(frame, CleanConfig())[0]) == 2
+    kept, dropped = clean_rows(frame, CleanConfig(language="latin"))
+    assert kept["id"].tolist() == ["0"] and dropped["reason"].tolist() == ["other_script"]
+
+
+def test_chat_template_renders_all_turns_and_targets_the_last_answer():
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Colour?"},
+             {"role": "assistant", "content": "Blue"}]
+    frame = _frame([{"instruction": "Colour?", "input": "", "response": "Blue", "messages": json.dumps(turns)},
+                    {"instruction": "Add", "input": "1 2", "response": "3"}])
+    out = apply_template(frame, TemplateConfig(name="chat"))
+    assert out["prompt"][0] == ("<|endoftext|><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello\n"
+                                "<|user|>\nColour?\n<|assistant|>\n")
+    assert out["completion"][0] == "Blue<|endoftext|>"
+    assert out["prompt"][1] == "<|endoftext|><|user|>\nAdd\n\n1 2\n<|assistant|>\n"
+
+
+def test_user_template_from_config_and_placeholder_errors():
+    cfg = load_config(overrides=["template.name=qa", "template.custom.qa.prompt=Q: {instruction} A:"])
+    out = apply_template(_frame([{"instruction": "Why?", "response": "Because."}]), cfg.template)
+    assert out["prompt"][0] == "Q: Why? A:" and out["completion"][0] == " Because.<|endoftext|>"
+    with pytest.raises(ConfigError, match=r"lacks the placeholder\(s\) \{response\}"):
+        load_config(overrides=["template.name=qa", "template.custom.qa.prompt=Do {instruction}",
+                               "template.custom.qa.response=no placeholder"])
+    with pytest.raises(ConfigError, match=r"unknown placeholder\(s\) \{instrction\}"):
+        load_config(overrides=["template.name=qa", "template.custom.qa.prompt={instruction} {instrction}"])
+    with pytest.raises(ConfigError, match="unknown template 'nope'"):
+        load_config(overrides=["template.name=nope"])
+
+
+def _templated(tmp_path, n, completion=" ok<|endoftext|>"):
+    rows = [{"id": f"r{i}", "split": ["train", "train", "train", "val", "test"][i % 5], "category": "c",
+             "prompt": f"<|endoftext|>Instruction: item {i}\nResponse:", "completion": completion} for i in range(n)]
+    folder = tmp_path / "template"
+    folder.mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "data.parquet")
+    return folder
+
+
+def test_packing_fills_blocks_and_keeps_example_boundaries(tmp_path):
+    templated = _templated(tmp_path, 50)
+    out = tmp_path / "tokenize"
+    out.mkdir()
+    stats = write_tokenize(TokenizeConfig(max_length=64, batch_size=16, packing=True), templated, out)
+    assert stats["passed"], stats["failure"]
+    table = pq.read_table(out / "data.parquet").to_pandas()
+    train, held_out = table[table["split"] == "train"], table[table["split"] != "train"]
+    assert (held_out["n_examples"] == 1).all() and len(held_out) == 20  # evaluation rows stay one per row
+    assert train["n_examples"].sum() == stats["packed_examples"] == 30
+    assert len(train) < 30 and (train["length"] <= 64).all()
+    tokenizer = gpt2_tokenizer()
+    block = train.iloc[0]
+    starts = [i for i, p in enumerate(block["position_ids"]) if p == 0]
+    assert len(starts) == block["n_examples"] > 1
+    for start in starts:  # every example starts with BOS, masked out: no target crosses a boundary
+        assert block["input_ids"][start] == tokenizer.eos_token_id and block["labels"][start] == IGNORE_INDEX
+    assert stats["packing_efficiency"] > 0.8
+    assert stats["packing_efficiency"] == pytest.approx(train["length"].sum() / (len(train) * 64))
+
+
+def test_tokenize_gate_blocks_rows_without_target_tokens(tmp_path):
+    templated = _templated(tmp_path, 10, completion="")
+    out = tmp_path / "tokenize"
+    out.mkdir()
+    stats = write_tokenize(TokenizeConfig(max_length=64), templated, out)
+    assert not stats["passed"] and stats["zero_target_rows"] == 10
+    assert "expect_column_values_to_be_between on 'n_target'" in stats["failure"]
+    assert "\n" not in stats["failure"]
+    assert (out / "data_docs" / "index.html").is_file()

@@ -1,0 +1,69 @@
+"""Evaluate's pieces on a real tiny GPT-2 and real frames: losses, scoring choice, ROUGE-L, report, plot."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from tasks.config import EvalConfig
+from tasks.evaluate import category_scoring, plot_loss_curve, report_markdown, rouge_l, token_losses
+from tasks.modeling import IGNORE_INDEX, load_base_model
+
+
+def _rows():
+    # different lengths, so padding is in play
+    prompts = [[50256, 101, 102, 103], [50256, 104, 105], [50256, 106, 107, 108, 109]]
+    answers = [[201, 50256], [202, 203, 204, 50256], [205, 50256]]
+    return [{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a} for p, a in zip(prompts, answers, strict=True)]
+
+
+def test_response_and_full_sequence_losses_match_the_full_logits_reference():
+    model = load_base_model("scratch:tiny", 0).eval()
+    rows = _rows()
+    losses = token_losses(model, rows, batch_size=2)
+    response_sum = full_sum = 0.0
+    response_count = full_count = 0
+    with torch.no_grad():
+        for row in rows:  # one row at a time: no padding, plain Hugging Face loss
+            ids = torch.tensor([row["input_ids"]])
+            n_response = sum(label != IGNORE_INDEX for label in row["labels"][1:])
+            response_sum += float(model(ids, labels=torch.tensor([row["labels"]])).loss) * n_response
+            full_sum += float(model(ids, labels=ids).loss) * (ids.shape[1] - 1)
+            response_count += n_response
+            full_count += ids.shape[1] - 1
+    assert losses["response"] == pytest.approx(response_sum / response_count, rel=1e-4)
+    assert losses["full_sequence"] == pytest.approx(full_sum / full_count, rel=1e-4)
+
+
+def test_scoring_is_exact_for_checkable_or_classification_data_and_rouge_for_free_text():
+    frame = pd.DataFrame({
+        "category": ["sentiment"] * 6 + ["open_qa"] * 3,
+        "response": ["positive", "negative", "positive", "negative", "positive", "neutral",
+                     "Paris is the capital.", "It rains a lot in autumn.", "Use a wooden spoon."],
+    })
+    assert category_scoring(frame, EvalConfig(), checkable=False) == {"sentiment": "exact_match", "open_qa": "rouge_l"}
+    assert set(category_scoring(frame, EvalConfig(), checkable=True).values()) == {"exact_match"}
+    assert set(category_scoring(frame, EvalConfig(scoring="rouge_l"), checkable=False).values()) == {"rouge_l"}
+
+
+def test_rouge_l_rewards_overlap_and_order():
+    scores = rouge_l(["the cat sat", "sat cat the", "dog"], ["the cat sat"] * 3)
+    assert scores[0] == pytest.approx(1.0)
+    assert 0 < scores[1] < 1 and scores[2] == 0
+
+
+def test_report_and_loss_curve_show_what_was_measured(tmp_path):
+    log = tmp_path / "training_log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": 10 - s / 10}) for s in range(10, 60, 10)))
+    metrics = {"examples": 2, "base_val_loss": 10.8, "tuned_val_loss": 4.2, "base_val_perplexity": 49000.0,
+               "tuned_val_perplexity": 66.7, "base_exact_match": 0.0, "tuned_exact_match": 0.5, "train_steps": 50,
+               "per_category": {"add": {"scoring": "exact_match", "examples": 2, "base": 0.0, "tuned": 0.5}}}
+    samples = pd.DataFrame({"instruction": ["Add the two numbers."] * 2, "input": ["1 2", "3 4"],
+                            "response": ["3", "7"], "base_output": ["cat", "dog"], "tuned_output": ["3", "8"]})
+    report = report_markdown(metrics, samples)
+    assert "| val loss (response tokens) | 10.8000 | 4.2000 |" in report
+    assert "| add | exact_match | 2 | 0.000 | 0.500 |" in report
+    assert "| Add the two numbers. | 3 4 | 7 | dog | 8 |" in report
+    plot_loss_curve(log, metrics, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
