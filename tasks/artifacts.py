@@ -103,11 +103,7 @@ class ArtifactStore:
             files = manifest["files"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        for name, expected in files.items():
-            file = folder / name
-            if not file.is_file() or sha256_file(file) != expected:
-                return None
-        return manifest
+        return manifest if files_match(folder, files, sha256_file) else None
 
     def ref(self, step: str, key: str, manifest: dict[str, Any]) -> ArtifactRef:
         return ArtifactRef(
@@ -148,7 +144,7 @@ class ArtifactStore:
                 "versions": _library_versions(),
             }
             manifest.setdefault("rows", 0)
-            _write_text_synced(temp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+            write_text_atomically(temp / MANIFEST, json.dumps(manifest, indent=2, default=str))
             self._publish(temp, final)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
@@ -199,11 +195,26 @@ class ArtifactStore:
                 raise
 
 
-def _write_text_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a file so a reader sees the old content or the new, never a part: temp, fsync, rename."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def files_match(folder: Path, files: dict[str, Any], describe: Callable[[Path], Any]) -> bool:
+    """Tell whether every listed file exists under `folder` and `describe(file)` equals its listed value."""
+    for name, expected in files.items():
+        file = folder / name
+        if not file.is_file() or describe(file) != expected:
+            return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,15 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, ArtifactStore, Step, canonical_json, sha256_text
+from tasks.artifacts import (
+    ArtifactRef,
+    ArtifactStore,
+    Step,
+    canonical_json,
+    files_match,
+    sha256_text,
+    write_text_atomically,
+)
 from tasks.caching import finish_step, step_task_options
 from tasks.config import ModelConfig, TrainConfig
 from tasks.modeling import (
@@ -78,12 +86,7 @@ def mark_checkpoint_complete(folder: Path, fingerprint: str, step: int, final: b
     _fsync_tree(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     mark = {"fingerprint": fingerprint, "global_step": step, "final": final, "files": files}
-    temp = folder / f".{CHECKPOINT_MARK}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(mark))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, folder / CHECKPOINT_MARK)
+    write_text_atomically(folder / CHECKPOINT_MARK, json.dumps(mark))
 
 
 def _read_mark(folder: Path) -> dict[str, Any] | None:
@@ -92,11 +95,7 @@ def _read_mark(folder: Path) -> dict[str, Any] | None:
         files = mark["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    for name, size in files.items():
-        file = folder / name
-        if not file.is_file() or file.stat().st_size != size:
-            return None
-    return mark
+    return mark if files_match(folder, files, lambda file: file.stat().st_size) else None
 
 
 def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:

@@ -10,8 +10,6 @@ no torch, so the CLI reads it in a blink.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from tasks.artifacts import write_text_atomically
 from tasks.config import PromoteConfig
 
 REGISTRY_DIR = "registry"
@@ -147,12 +146,7 @@ class Registry:
         with FileLock(str(self.file) + ".lock", timeout=LOCK_TIMEOUT_S):
             data = self.load()
             yield data
-            temp = self.folder / f".{REGISTRY_FILE}.{uuid.uuid4().hex[:8]}"
-            with open(temp, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(data, indent=2, default=str))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.file)
+            write_text_atomically(self.file, json.dumps(data, indent=2, default=str))
 
     def consider(self, candidate: dict[str, Any], config: PromoteConfig, flow_run_id: str | None = None
                  ) -> dict[str, Any]:
