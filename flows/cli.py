@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -55,18 +57,52 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _check_api_reachable() -> None:
-    """Fail fast with one line when PREFECT_API_URL names a server that does not answer."""
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        return
+def configured_api_url() -> str | None:
+    """Give back the Prefect API URL the user configured (environment, else the active profile), if any.
+
+    Read without importing Prefect (2.6 s here), so a command that needs no server starts fast.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        data = tomllib.loads(profiles.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return (data.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL") or None
+
+
+def _check_api_reachable(url: str) -> None:
+    """Fail fast with one line when the configured Prefect API does not answer."""
     import httpx
 
     try:
         httpx.get(url.rstrip("/") + "/health", timeout=5).raise_for_status()
     except httpx.HTTPError as exc:
-        fail(f"the Prefect API at {url} is unreachable ({type(exc).__name__}); start it with `prefect server "
-             "start`, or unset PREFECT_API_URL to use a temporary local one")
+        fail(f"the Prefect API at {url} is unreachable ({type(exc).__name__}); start it with `itune server` "
+             "(or `prefect server start`), or unset PREFECT_API_URL to use a temporary local one")
+
+
+def connect(needs_server: bool = False) -> LocalPrefectAPI | None:
+    """Point this process at a Prefect API: the configured server, or (unless a real server is needed) a
+    temporary local API on the profile's database, started now and waited for later."""
+    url = configured_api_url()
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+        _check_api_reachable(url)
+        return None
+    if "prefect" in sys.modules:  # already configured in-process (a test harness, or an embedding program)
+        return None
+    if needs_server:
+        fail("this command needs a running Prefect server that workers also reach: start one with `itune server`, "
+             "then `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    local_api = LocalPrefectAPI()
+    os.environ["PREFECT_API_URL"] = local_api.url  # before Prefect is imported: its settings read it once
+    return local_api
 
 
 def _task_runs(flow_run_id: Any) -> dict[str, Any]:
@@ -169,8 +205,10 @@ def run(
     except ConfigError as exc:
         fail(str(exc), 2)
     cfg.artifacts.root = str(Path(cfg.artifacts.root).expanduser().resolve())
-    _check_api_reachable()
-    summary = run_pipeline(cfg, until, debug)
+    _finish(run_pipeline(cfg, until, debug), as_json, started)
+
+
+def _finish(summary: dict[str, Any], as_json: bool, started: float) -> None:
     if as_json:
         sys.stdout.flush()
         print(json.dumps(summary, default=str))
@@ -180,12 +218,10 @@ def run(
         fail(summary["error"])
 
 
-def run_pipeline(cfg: PipelineConfig, until: str, debug: bool = False) -> dict[str, Any]:
+def run_pipeline(cfg: PipelineConfig, until: str, debug: bool = False, overrides: list[str] | None = None
+                 ) -> dict[str, Any]:
     """Run the flow and give back the summary the CLI prints (steps, metrics, and an error line if any)."""
-    # Start the local API early only if nothing configured Prefect yet (a test harness or profile may have).
-    local_api = None if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules else LocalPrefectAPI()
-    if local_api is not None:
-        os.environ["PREFECT_API_URL"] = local_api.url  # before Prefect is imported: its settings read it once
+    local_api = connect()
     from flows.pipeline import pipeline
 
     if local_api is not None:
@@ -193,7 +229,7 @@ def run_pipeline(cfg: PipelineConfig, until: str, debug: bool = False) -> dict[s
 
     if not debug:
         _quiet_console_tracebacks()
-    state = pipeline(config=cfg.as_dict(), until=until, return_state=True)
+    state = pipeline(config=cfg.as_dict(), until=until, overrides=overrides or [], return_state=True)
     result = state.result(raise_on_failure=False)
     refs = result if isinstance(result, dict) else {}
     summary = _summarise(state, refs)
@@ -404,6 +440,239 @@ def chat(model: ModelOption = "champion", template: TemplateOption = None, confi
             break
         instruction, _, input_text = line.strip().partition(" || ")
         print(f"model> {reply(instruction.strip(), input_text.strip())}", flush=True)
+
+
+STATE_COLORS = {"Completed": "green", "Cached": "cyan", "Failed": "red", "Crashed": "red", "Running": "yellow"}
+
+
+def _short(metrics: dict[str, Any], name: str, form: str) -> str:
+    return form.format(metrics[name]) if isinstance(metrics.get(name), int | float) else "-"
+
+
+_STEP_MARKS = {"Completed": "[green]✔[/]", "Cached": "[cyan]↺[/]", "Failed": "[red]✘[/]", "Crashed": "[red]✘[/]",
+               "Running": "[yellow]▶[/]", "": "[dim]·[/]"}
+
+
+def _colored(state: str) -> str:
+    return f"[{STATE_COLORS.get(state, 'white')}]{state}[/]"
+
+
+def _ui_link(flow_run_id: str) -> str:
+    return f"{os.environ['PREFECT_API_URL'].rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="address to bind; anything but 127.0.0.1 exposes the API and UI")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the API and UI")] = 4200,
+    database_url: Annotated[str | None, typer.Option(
+        help="e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect (default: SQLite in PREFECT_HOME)")] = None,
+) -> None:
+    """Start the Prefect server (API + UI) that deployments, workers and `itune trigger` share."""
+    import shutil
+
+    env = dict(os.environ)
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+    if prefect is None:
+        fail("the `prefect` command is not installed in this environment")
+    err.print(f"Prefect server on http://{host}:{port} (UI); in other shells: "
+              f"export PREFECT_API_URL=http://{host}:{port}/api", highlight=False)
+    os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], env)
+
+
+@app.command()
+def deploy(config: ConfigOption = None, set_: SetOption = None,
+           pool_type: Annotated[str, typer.Option(help="type of work pools it creates")] = "process") -> None:
+    """Create the work pools and deployments (nightly, on-demand, fine-tune on the gpu pool); safe to repeat."""
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    connect(needs_server=True)
+    from deployments.deploy import deploy_all
+
+    with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment; one summary is enough
+        done = deploy_all(cfg, pool_type=pool_type)
+    table = Table(title=f"itune deployments · {os.environ['PREFECT_API_URL']}")
+    for column in ("deployment", "work pool", "schedule"):
+        table.add_column(column, no_wrap=True)
+    for name in done["deployments"]:
+        pool = done["gpu_pool"] if name.startswith("itune-finetune") else done["cpu_pool"]
+        table.add_row(name, pool, done["schedule"] if name.endswith("/nightly") else "on demand")
+    out.print(table)
+    if done["pools_created"]:
+        out.print(f"created work pools: {', '.join(done['pools_created'])}", highlight=False)
+    out.print(f"start a worker per pool: `prefect worker start --pool {done['cpu_pool']}` and "
+              f"`prefect worker start --pool {done['gpu_pool']}`", highlight=False, soft_wrap=True)
+
+
+def _follow(flow_run_id: str, as_json: bool) -> dict[str, Any]:
+    from flows.operate import watch
+
+    shown: dict[str, str] = {}
+
+    def show(state: str, steps: dict[str, str]) -> None:
+        changed = [f"  {step:<9} {_colored(now)}" for step, now in steps.items() if shown.get(step) != now]
+        if shown.get("") != state:
+            changed.append(f"flow run {_colored(state)}")
+        shown.update(steps)
+        shown[""] = state
+        if changed and not as_json:
+            out.print("\n".join(changed), highlight=False)
+
+    state, message = watch(flow_run_id, show)
+    steps = {step: shown[step] for step in STEPS if step in shown}
+    return {"flow_run_id": flow_run_id, "state": state, "steps": steps,
+            **({"error": f"flow run {flow_run_id} ended {state}: {message}"} if state != "Completed" else {})}
+
+
+@app.command()
+def trigger(
+    deployment: Annotated[str, typer.Argument(help="FLOW/DEPLOYMENT")] = "itune-pipeline/on-demand",
+    set_: SetOption = None,
+    until: Annotated[str | None, typer.Option(help="stop after this step")] = None,
+    watch_: Annotated[bool, typer.Option("--watch", "-w", help="follow the run and exit with its outcome")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last on stdout")] = False,
+) -> None:
+    """Run a deployment on its work pool with `--set key=value` overrides (a worker must be running)."""
+    if until is not None and until not in STEPS:
+        fail(f"--until must be one of {', '.join(STEPS)} (got '{until}')", 2)
+    connect(needs_server=True)
+    from flows.operate import OperateError
+    from flows.operate import trigger as start_run
+
+    try:
+        flow_run_id, name = start_run(deployment, set_ or [], until)
+    except OperateError as exc:
+        fail(str(exc), 2)
+    if not as_json:
+        out.print(f"started {deployment} as flow run '{name}' ({flow_run_id})\n  {_ui_link(flow_run_id)}",
+                  highlight=False)
+    result = _follow(flow_run_id, as_json) if watch_ else {"flow_run_id": flow_run_id, "state": "Scheduled"}
+    if as_json:
+        print(json.dumps(result))
+    if result.get("error"):
+        fail(result["error"])
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option(help="how many of the newest runs")] = 10,
+         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
+    """List recent pipeline runs: state of each step (Completed/Cached/Failed) and headline metrics."""
+    local_api = connect()
+    from flows.operate import next_scheduled, recent_runs
+
+    if local_api is not None:
+        local_api.wait_ready()
+    views = recent_runs(limit)
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(view) for view in views]))
+        return
+    upcoming = next_scheduled()
+    if not views:
+        out.print("no pipeline runs on this Prefect API yet: `itune run` or `itune trigger` starts one")
+    else:
+        from rich import box
+
+        table = Table(title="itune pipeline runs, newest first", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("run", "started", "by", "state", "steps", "exact", "loss", "s"):
+            table.add_column(column, justify="right" if column in ("exact", "loss", "s") else "left", no_wrap=True)
+        for view in views:
+            marks = "".join(_STEP_MARKS.get(view.steps.get(step, ""), "[yellow]?[/]") for step in STEPS)
+            table.add_row(view.id[:8], view.started[5:16], view.deployment or "cli", _colored(view.state), marks,
+                          _short(view.metrics, "tuned_exact_match", "{:.1%}"),
+                          _short(view.metrics, "tuned_val_loss", "{:.3f}"),
+                          f"{view.seconds:.0f}" if view.seconds is not None else "-")
+        out.print(table)
+        out.print(f"steps: {' '.join(STEPS)} · [green]✔[/] ran [cyan]↺[/] cached [red]✘[/] failed [dim]·[/] not "
+                  "reached\n`itune rerun RUN` runs one again (the first characters of its id are enough)",
+                  highlight=False)
+    if upcoming:
+        out.print(f"next scheduled: {upcoming[0]} at {upcoming[1]}", highlight=False)
+
+
+@app.command()
+def rerun(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="a pipeline flow run id (`itune runs`)")],
+    watch_: Annotated[bool, typer.Option("--watch", "-w", help="deployment runs: follow to the end")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last on stdout")] = False,
+    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+) -> None:
+    """Run a pipeline run again with its parameters: intact artifacts are Cached, fine-tune resumes."""
+    started = time.perf_counter()
+    local_api = connect()
+    from flows.operate import OperateError, rerun_on_deployment, rerun_plan
+
+    if local_api is not None:
+        local_api.wait_ready()
+    try:
+        plan = rerun_plan(run_id)
+        if plan["deployment"]:
+            new_id, name = rerun_on_deployment(run_id, plan)
+            if not as_json:
+                out.print(f"started {plan['deployment']} again as flow run '{name}' ({new_id})\n  {_ui_link(new_id)}",
+                          highlight=False)
+            result = _follow(new_id, as_json) if watch_ else {"flow_run_id": new_id, "state": "Scheduled"}
+            if as_json:
+                print(json.dumps(result))
+            if result.get("error"):
+                fail(result["error"])
+            return
+        from tasks.config import with_overrides
+
+        params = plan["parameters"]
+        cfg = with_overrides(params["config"], params.get("overrides") or [])
+    except (OperateError, ConfigError) as exc:
+        fail(str(exc), 2)
+    if not as_json:
+        out.print(f"running {run_id} ({plan['state']}) again here with its parameters", highlight=False)
+    _finish(run_pipeline(cfg, params.get("until") or "evaluate", debug), as_json, started)
+
+
+@app.command("lineage")
+def lineage_of(
+    artifact: Annotated[str, typer.Argument(help="an artifact folder, 'champion', a model key, or STEP/KEY")],
+    config: ConfigOption = None, set_: SetOption = None, root: RootOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the chain as JSON")] = False,
+) -> None:
+    """Print an artifact's chain back to its source files: each step's key, config and code version."""
+    from rich.tree import Tree
+
+    from flows.operate import OperateError, lineage, resolve_artifact
+
+    cfg, registry = _settings(config, set_, root)
+    try:
+        chain = lineage(resolve_artifact(artifact, registry.root))
+    except OperateError as exc:
+        fail(str(exc), 2)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read the lineage of '{artifact}': {exc}")
+    if as_json:
+        print(json.dumps(chain, default=str))
+        return
+    nodes: dict[str, Tree] = {}
+    tree: Tree | None = None
+    for link in chain:
+        ok = {True: "[green]verified[/]", False: "[red]CORRUPT[/]", None: "[yellow]outside root[/]"}[link["verified"]]
+        label = (f"[bold]{link['step']}[/] {link['key']}  rows {link['rows']}  code {str(link['code_version'])[:12]}"
+                 f"  {str(link['created_at'])[:19]}  {ok}\n[dim]{link['uri']}[/]\n"
+                 f"config {json.dumps(link['config'], sort_keys=True)}")
+        for source in link.get("sources", []):
+            label += f"\nsource {source['source']}: {source['rows_read']} rows read, {source['rows_kept']} kept"
+        parent = next((nodes[uri] for uri in nodes if link["uri"] in _inputs_of(chain, uri)), None)
+        node = parent.add(label) if parent is not None else Tree(label)
+        tree = tree or node
+        nodes.setdefault(link["uri"], node)
+    out.print(tree, highlight=False)
+
+
+def _inputs_of(chain: list[dict[str, Any]], uri: str) -> list[str]:
+    return next((link["inputs"] for link in chain if link["uri"] == uri), [])
 
 
 def main() -> None:  # pragma: no cover - console script indirection for `python -m flows.cli`

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
+from prefect.states import Completed
 
 from tasks.artifacts import ArtifactRef, ArtifactStore
 from tasks.finetune import finetune as finetune_step
@@ -30,7 +31,7 @@ def deployment_name(pool: str) -> str:
 
 # Named `finetune` so the pipeline's summary lists this dispatch as the fine-tune step.
 @task(name="finetune", result_serializer="json", persist_result=False)
-def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef, pool: str) -> ArtifactRef:
+def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef, pool: str) -> Any:
     """Prefect task: run the fine-tune deployment on `pool`, wait for it, give back its verified artifact."""
     from prefect.deployments import run_deployment
 
@@ -42,4 +43,18 @@ def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef, pool: st
                            f" (flow run {run.id}); is a worker running? `prefect worker start --pool {pool}`")
     ref = ArtifactRef(**run.state.result())
     ArtifactStore(root).open(ref)  # the pool's worker must have written where this pipeline reads
+    if _reused_on_pool(run.id):
+        # Say so in this run too: the UI, `itune run` and `itune runs` show the step as Cached, not retrained.
+        return Completed(data=ref, name="Cached", message=f"fine-tune on work pool '{pool}' reused an intact model "
+                                                          f"(flow run {run.id})")
     return ref
+
+
+def _reused_on_pool(flow_run_id: Any) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states = [run.state.name for run in runs if run.state and run.name.startswith("finetune")]
+    return bool(states) and all(state == "Cached" for state in states)

@@ -9,7 +9,7 @@ from prefect import flow
 from flows.finetune_flow import finetune as finetune_on_pool
 from tasks.artifacts import ArtifactRef
 from tasks.clean import clean
-from tasks.config import STEPS, build_config
+from tasks.config import STEPS, with_overrides
 from tasks.evaluate import evaluate, promote
 from tasks.finetune import finetune
 from tasks.ingest import ingest
@@ -19,9 +19,14 @@ from tasks.validate import validate
 
 
 @flow(name="itune-pipeline", log_prints=False)
-def pipeline(config: dict[str, Any], until: str = "evaluate") -> dict[str, ArtifactRef]:
-    """Run the steps in order up to `until`; give back each finished step's artifact reference."""
-    cfg = build_config(config)
+def pipeline(config: dict[str, Any], until: str = "evaluate", overrides: list[str] | None = None
+             ) -> dict[str, ArtifactRef]:
+    """Run the steps in order up to `until`; give back each finished step's artifact reference.
+
+    `overrides` (`key=value`, as `itune run --set`) are applied on top of `config`, so a triggered run
+    shows in the UI exactly what it changed from its deployment's config.
+    """
+    cfg = with_overrides(config, overrides or [])
     root = cfg.artifacts.root
     done: dict[str, ArtifactRef] = {}
     last = STEPS.index(until)
@@ -45,8 +50,11 @@ def pipeline(config: dict[str, Any], until: str = "evaluate") -> dict[str, Artif
     tokenized = tokenize(cfg.step_config("tokenize"), root, templated)
     if not keep("tokenize", tokenized):
         return done
-    model = (finetune_on_pool(cfg.step_config("finetune"), root, tokenized, cfg.train.work_pool) if cfg.train.work_pool
-             else finetune(cfg.step_config("finetune"), root, tokenized))
+    if cfg.train.work_pool:  # the dispatch may end in a Cached state of its own: take the reference from it
+        model = finetune_on_pool(cfg.step_config("finetune"), root, tokenized, cfg.train.work_pool,
+                                 return_state=True).result()
+    else:
+        model = finetune(cfg.step_config("finetune"), root, tokenized)
     if not keep("finetune", model):
         return done
     evaluated = evaluate(cfg.step_config("evaluate"), root, templated, tokenized, model)

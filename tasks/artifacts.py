@@ -27,6 +27,13 @@ from pydantic import BaseModel
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
 
+# Operators rehearse "fail, then rerun only what failed" by naming a step here; it fails only when it would build.
+FAULT_ENV = "ITUNE_FAIL_AT"
+
+
+class InjectedFault(RuntimeError):
+    """The step named by ITUNE_FAIL_AT was about to build its artifact."""
+
 
 class ArtifactError(RuntimeError):
     """An artifact is missing or fails verification."""
@@ -250,6 +257,8 @@ class Step:
         existing = store.manifest(self.name, key)
         if existing is not None:
             return store.ref(self.name, key, existing), False
+        if os.environ.get(FAULT_ENV) == self.name:
+            raise InjectedFault(f"fault injected into '{self.name}' by {FAULT_ENV}={self.name} (a testing setting)")
         input_dirs = [store.open(ref) for ref in inputs]
         record: dict[str, Any] = {
             "inputs": [{"step": r.step, "key": r.key, "uri": r.uri, "sha256": r.sha256} for r in inputs],

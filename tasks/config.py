@@ -6,6 +6,7 @@ error that names the closest valid key (as nanoGPT's configurator does, with typ
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +167,8 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout of from-scratch models")
     trust_remote_code: bool = Field(False, description="allow a folder/Hub model to run its own Python code")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    hub_token_secret: str | None = Field(
+        None, description="name of a Prefect Secret block holding a Hugging Face Hub token (default: HF_TOKEN)")
 
 
 class TrainConfig(Section):
@@ -214,6 +217,39 @@ class PromoteConfig(Section):
         description="largest allowed regression (absolute) per other metric")
 
 
+class DeployConfig(Section):
+    """How `itune deploy` lays the pipeline out on a Prefect server (not part of any step's key)."""
+
+    cpu_pool: str = Field("cpu", min_length=1, description="work pool of the pipeline deployments")
+    gpu_pool: str = Field("gpu", min_length=1, description="work pool of the fine-tune deployment")
+    nightly_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="HH:MM of the nightly run")
+    timezone: str = Field("UTC", description="IANA time zone of nightly_time, e.g. Europe/Berlin")
+    finetune_concurrency: PositiveInt = Field(1, description="fine-tune runs at once on the gpu pool")
+
+    @field_validator("nightly_time", mode="before")
+    @classmethod
+    def _unquoted_time(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted 12:30 as the base-60 integer 750; give the user back the time they wrote.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value // 60:02d}:{value % 60:02d}"
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone '{value}' (use an IANA name such as Europe/Berlin)") from exc
+        return value
+
+    def nightly_cron(self) -> str:
+        hour, minute = self.nightly_time.split(":")
+        return f"{int(minute)} {int(hour)} * * *"
+
+
 class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
@@ -225,6 +261,7 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
@@ -244,7 +281,9 @@ class PipelineConfig(Section):
         sections = {"ingest": "data", "clean": "clean", "validate": "validate", "template": "template",
                     "tokenize": "tokenize", "evaluate": "eval"}
         if step == "finetune":
-            return {"model": self.section("model"), "train": self.section("train")}
+            # Where it trains does not change what it trains: a model trained locally is reused on the pool.
+            train = {k: v for k, v in self.section("train").items() if k != "work_pool"}
+            return {"model": self.section("model"), "train": train}
         return self.section(sections[step])
 
     def as_dict(self) -> dict[str, Any]:
@@ -318,6 +357,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return with_overrides(raw, overrides)
+
+
+def with_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Give back the validated config of `raw` (left unchanged) with `key=value` overrides applied."""
+    raw = copy.deepcopy(raw)
     for assignment in overrides:
         key, value = parse_override(assignment)
         _set_dotted(raw, key, value)
