@@ -54,6 +54,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be resumed from: made for other data or settings, or already past the end."""
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """A training batch did not fit in memory; the one-line message names the settings to lower."""
+
+
+# CPU allocator failures arrive as plain RuntimeErrors ("DefaultCPUAllocator: can't allocate memory: ...",
+# "... not enough memory ..."); only the message tells them apart from other errors.
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "defaultcpuallocator")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Tell whether an exception raised while training means an allocation failed."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OUT_OF_MEMORY_MARKERS)
+
+
+def out_of_memory_message(train_config: TrainConfig, max_length: int, device: str, world_size: int) -> str:
+    """Give back one line: what did not fit, and the settings that keep the effective batch while fitting."""
+    size, accumulation = train_config.batch_size, train_config.gradient_accumulation_steps
+    # The smallest factor of the batch size keeps batch x accumulation exactly equal (a plain halving when even).
+    factor = next((f for f in range(2, size + 1) if size % f == 0), 1)
+    options = []
+    if factor > 1:
+        options.append(f"--set train.batch_size={size // factor} --set train.gradient_accumulation_steps="
+                       f"{accumulation * factor} (same effective batch of {size * accumulation * world_size})")
+    if not train_config.gradient_checkpointing:
+        options.append("--set train.gradient_checkpointing=true")
+    options.append("a smaller tokenize.max_length")
+    return (f"training ran out of {device} memory with train.batch_size={size} examples per device of up to "
+            f"{max_length} tokens; retry with {', or '.join(options)}")
+
+
 def run_fingerprint(data: str, model_config: ModelConfig, train_config: TrainConfig, world_size: int) -> str:
     """Give back the identity of one training trajectory: a checkpoint resumes only into the same one."""
     train = {k: v for k, v in train_config.model_dump(mode="json").items() if k not in _TRAJECTORY_FREE}
@@ -284,7 +318,21 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBarOnly)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    out_of_memory = None
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        out_of_memory = out_of_memory_message(train_config, max(len(r["input_ids"]) for r in train_rows),
+                                              "GPU" if use_gpu else "CPU", world_size)
+    if out_of_memory is not None:
+        # Raised outside the except block, so the new error holds no reference to the failed step's
+        # tensors, and a long-lived worker gets its memory back.
+        del trainer, model
+        if use_gpu:
+            torch.cuda.empty_cache()
+        raise TrainingOutOfMemory(out_of_memory)
     seconds = time.perf_counter() - started
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     if trainer.is_world_process_zero():
@@ -317,7 +365,8 @@ def checkpoint_dir_for(config: dict[str, Any], root: str, tokenized: ArtifactRef
 
 
 def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: logging.Logger | None = None,
-                   checkpoint_dir: Path | None = None, data_fingerprint: str | None = None) -> dict[str, Any]:
+                   checkpoint_dir: Path | None = None, data_fingerprint: str | None = None,
+                   callbacks: list[Any] = ()) -> dict[str, Any]:
     """Train on the train split of a tokenize artifact; give back the figures for the manifest."""
     names = pq.read_schema(tokenized / "data.parquet").names
     columns = ["split", "input_ids", "labels"] + (["position_ids"] if "position_ids" in names else [])
@@ -327,10 +376,12 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
         raise ValueError(f"{tokenized}: the train split is empty; lower template.val_fraction/test_fraction")
     model_config, train_config = ModelConfig(**config["model"]), TrainConfig(**config["train"])
     if checkpoint_dir is not None:
-        figures = train_model(rows, model_config, train_config, out, checkpoint_dir, logger, data_fingerprint)
+        figures = train_model(rows, model_config, train_config, out, checkpoint_dir, logger, data_fingerprint,
+                              callbacks)
     else:
         with tempfile.TemporaryDirectory(prefix=".trainer-", dir=out.parent) as work_dir:
-            figures = train_model(rows, model_config, train_config, out, Path(work_dir), logger, data_fingerprint)
+            figures = train_model(rows, model_config, train_config, out, Path(work_dir), logger, data_fingerprint,
+                                  callbacks)
     return {"rows": len(rows), **figures}
 
 
