@@ -86,16 +86,28 @@ def test_deploy_trigger_watch_on_postgres_with_cpu_and_gpu_workers_and_the_ui(tm
             assert outcome["state"] == "Completed"
             assert outcome["steps"] == {step: "Completed" for step in STEPS}
 
-            # Prefect's own command works on the same deployment; everything it needs is already cached.
-            plain = subprocess.run([PREFECT, "deployment", "run", "itune-pipeline/on-demand", "--param", "until=ingest",
-                                    "--watch"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            # Prefect's own command runs the same deployment; with the same overrides every step is reused,
+            # fine-tune included (its child run on the gpu pool finds the model and the pipeline says Cached).
+            plain = subprocess.run([PREFECT, "deployment", "run", "itune-pipeline/on-demand", "--param",
+                                    f"overrides={json.dumps(tiny_overrides(root))}", "--watch"],
+                                   cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
             assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-2000:]
             gpu_log = logs["gpu"].read_text()
+
+        again = _post(env, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1,
+                                                 "flows": {"name": {"any_": ["itune-pipeline"]}}})[0]
+        assert again["id"] != outcome["flow_run_id"] and again["state"]["type"] == "COMPLETED"
+        reused = _post(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [again["id"]]}}})
+        assert {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in reused
+                if run["name"].rsplit("-", 1)[0] in STEPS} == {step: "Cached" for step in STEPS}
 
         children = _post(env, "/flow_runs/filter", {"flow_runs": {
             "parent_flow_run_id": {"any_": [outcome["flow_run_id"]]}}})
         tuned = [child for child in children if child["deployment_id"]]
         assert [child["work_pool_name"] for child in tuned] == ["gpu"] and tuned[0]["id"] in gpu_log
+        model = next(root.glob("finetune/[!.]*"))  # written by the gpu worker where the pipeline reads it
+        assert (model / "model" / "model.safetensors").is_file() and (model / "manifest.json").is_file()
+        assert not list(root.glob("finetune/.checkpoints-*"))  # published, so the checkpoints are gone
 
         assets = _materialized(env, asset_key(str(root)), expected=len(STEPS))
         assert {uri.split("/")[-2] for uri in assets} == set(STEPS), assets
