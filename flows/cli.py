@@ -110,8 +110,14 @@ def _task_runs(flow_run_id: Any) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    # Task states reach the API as events that may land just after the flow returns: wait briefly for them.
+    deadline = time.monotonic() + 10
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if time.monotonic() > deadline or all(run.state and run.state.is_final() for run in runs):
+                break
+            time.sleep(0.2)
     by_step: dict[str, Any] = {}
     for run in sorted(runs, key=lambda r: r.created or 0):
         by_step[run.task_key.split("-")[0] if run.task_key else run.name.rsplit("-", 1)[0]] = run

@@ -266,7 +266,8 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     tokenizer = gpt2_tokenizer()
     model = load_base_model(model_config.name, model_config.init_seed, model_config.dropout,
                             trust_remote_code=model_config.trust_remote_code,
-                            attn_implementation=model_config.attn_implementation)
+                            attn_implementation=model_config.attn_implementation,
+                            hub_token_secret=model_config.hub_token_secret)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.eos_token_id
     pad_id = model.config.pad_token_id  # the model's own: a small-vocabulary model may not have GPT-2's 50256

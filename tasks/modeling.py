@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,12 +64,39 @@ def parse_scratch(name: str) -> tuple[int, int, int] | None:
     return SCRATCH_SIZES[size]
 
 
+def hub_token(secret_block: str | None = None) -> str | None:
+    """Give back the Hugging Face Hub token: the Prefect Secret block named `secret_block`, else HF_TOKEN, else None.
+
+    The value goes to `from_pretrained(token=...)` and nowhere else: no log line, config, manifest or
+    error message holds it (the block's name may appear, never its value).
+    """
+    if not secret_block:
+        return os.environ.get("HF_TOKEN") or None
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(secret_block).get()
+    except Exception as exc:  # missing block, unreachable API, wrong block type: all mean "no token here"
+        # Only the exception's type is kept (and the chain cut): a validation error would quote the stored value.
+        missing = isinstance(exc, ValueError) and "unable to find block document" in str(exc).lower()
+        raise ModelSourceError(
+            f"cannot read the Hub token from the Prefect Secret block '{secret_block}' (model.hub_token_secret): "
+            f"{'no such block' if missing else type(exc).__name__}; create it with `prefect block create secret`, "
+            "or unset model.hub_token_secret to use HF_TOKEN"
+        ) from None
+    if not isinstance(value, str) or not value:
+        raise ModelSourceError(f"the Prefect Secret block '{secret_block}' (model.hub_token_secret) must hold "
+                               "a non-empty string")
+    return value
+
+
 def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_positions: int = 1024, *,
-                    trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> PreTrainedModel:
+                    trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+                    hub_token_secret: str | None = None) -> PreTrainedModel:
     """Give back the model fine-tuning starts from: fresh GPT-2 weights, a local folder, or a Hub id.
 
     Remote code stays off unless the config asks for it: a folder or Hub repo could otherwise run
-    arbitrary Python at load time.
+    arbitrary Python at load time. A Hub token (see `hub_token`) is read only for a folder or Hub id.
     """
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -83,7 +111,9 @@ def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_pos
         )
         torch.manual_seed(init_seed)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    options = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
+    # Read even for a local folder: a block named in the config that cannot be read is an error to report, not skip.
+    options = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation,
+               "token": hub_token(hub_token_secret)}
     if Path(name).expanduser().is_dir():
         model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser(), local_files_only=True, **options)
     else:
