@@ -337,7 +337,7 @@ def section(reference: Reference, trials: list[Trial], seconds: float) -> str:
         "- checked after each kill: every `<root>/<step>/<key>/` folder verifies (manifest present, every "
         "listed file's sha256 matches) and no fine-tune artifact exists; after each rerun the same, and the "
         "checkpoint folder is gone once the model is published.",
-        "- `python -m pytest tests/test_faults.py` runs the same trials, 2 of them; `tests/test_reliability.py` "
+        "- `python -m pytest tests/test_faults.py` runs the same trial once; `tests/test_reliability.py` "
         "kills each of the seven steps at a fixed point.",
     ]
     return "\n".join(lines) + "\n"
