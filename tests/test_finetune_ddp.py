@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_finetune_pool import _free_port
+from tests.servers import free_port as _free_port
 from tests.test_finetune_resume import micro_model, rows
 
 SETTINGS = {"max_steps": 12, "save_steps": 0, "logging_steps": 4, "learning_rate": 3e-3, "warmup_ratio": 0.1}
