@@ -554,10 +554,14 @@ def trigger(
         flow_run_id, name = start_run(deployment, set_ or [], until)
     except OperateError as exc:
         fail(str(exc), 2)
+    _report_started(f"started {deployment}", flow_run_id, name, watch_, as_json)
+
+
+def _report_started(what: str, flow_run_id: str, name: str, watch: bool, as_json: bool) -> None:
+    """Say a deployment run was created; with watch, follow it and exit with its outcome."""
     if not as_json:
-        out.print(f"started {deployment} as flow run '{name}' ({flow_run_id})\n  {_ui_link(flow_run_id)}",
-                  highlight=False)
-    result = _follow(flow_run_id, as_json) if watch_ else {"flow_run_id": flow_run_id, "state": "Scheduled"}
+        out.print(f"{what} as flow run '{name}' ({flow_run_id})\n  {_ui_link(flow_run_id)}", highlight=False)
+    result = _follow(flow_run_id, as_json) if watch else {"flow_run_id": flow_run_id, "state": "Scheduled"}
     if as_json:
         print(json.dumps(result))
     if result.get("error"):
@@ -620,14 +624,7 @@ def rerun(
         plan = rerun_plan(run_id)
         if plan["deployment"]:
             new_id, name = rerun_on_deployment(run_id, plan)
-            if not as_json:
-                out.print(f"started {plan['deployment']} again as flow run '{name}' ({new_id})\n  {_ui_link(new_id)}",
-                          highlight=False)
-            result = _follow(new_id, as_json) if watch_ else {"flow_run_id": new_id, "state": "Scheduled"}
-            if as_json:
-                print(json.dumps(result))
-            if result.get("error"):
-                fail(result["error"])
+            _report_started(f"started {plan['deployment']} again", new_id, name, watch_, as_json)
             return
         from tasks.config import with_overrides
 

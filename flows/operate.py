@@ -198,14 +198,14 @@ def rerun_plan(flow_run_id: str) -> dict[str, Any]:
             raise OperateError(f"flow run {flow_run_id} is a '{flow.name}' run, not an {PIPELINE_FLOW} run")
         deployment = client.read_deployment(run.deployment_id).name if run.deployment_id else None
     return {"deployment": f"{PIPELINE_FLOW}/{deployment}" if deployment else None,
+            "deployment_id": run.deployment_id,
             "parameters": dict(run.parameters or {}), "state": run.state.name if run.state else "Pending"}
 
 
 def rerun_on_deployment(flow_run_id: str, plan: dict[str, Any]) -> tuple[str, str]:
     """Start the same deployment with the same parameters; give back (new flow run id, its name)."""
     with _client() as client:
-        found = client.read_deployment_by_name(plan["deployment"])
-        run = client.create_flow_run_from_deployment(found.id, parameters=plan["parameters"],
+        run = client.create_flow_run_from_deployment(plan["deployment_id"], parameters=plan["parameters"],
                                                       tags=[f"rerun-of:{flow_run_id}"])
     return str(run.id), run.name
 
@@ -231,14 +231,7 @@ def resolve_artifact(spec: str, root: str | Path) -> Path:
 
 def lineage(folder: Path) -> list[dict[str, Any]]:
     """Give back the chain of manifests from an artifact back to its source files, nearest first."""
-    import json
-
-    store = ArtifactStore(folder.parent.parent)
-    chain = store.lineage(folder)
-    for link in chain:
-        manifest = json.loads((Path(link["uri"]) / "manifest.json").read_text(encoding="utf-8"))
-        link["sources"] = manifest.get("sources") or []
-    return chain
+    return ArtifactStore(folder.parent.parent).lineage(folder)
 
 
 def next_scheduled() -> tuple[str, str] | None:

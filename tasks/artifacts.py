@@ -184,7 +184,8 @@ class ArtifactStore:
             chain.append({"uri": str(current), "step": manifest["step"], "key": manifest["key"],
                           "code_version": manifest.get("code_version"), "config": manifest.get("config"),
                           "rows": manifest.get("rows"), "created_at": manifest.get("created_at"),
-                          "verified": verified, "inputs": [entry["uri"] for entry in manifest.get("inputs", [])]})
+                          "verified": verified, "inputs": [entry["uri"] for entry in manifest.get("inputs", [])],
+                          "sources": manifest.get("sources") or []})
             pending += [Path(entry["uri"]) for entry in manifest.get("inputs", [])]
         return chain
 
