@@ -16,12 +16,15 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 
 from tasks import builtin_tasks
@@ -30,6 +33,7 @@ from tasks.caching import finish_step, step_task_options
 from tasks.config import DataConfig, SourceSpec
 
 CANONICAL_COLUMNS = ["id", "instruction", "input", "response", "source", "category", "messages"]
+DATA_SCHEMA = pa.schema([(column, pa.string()) for column in CANONICAL_COLUMNS])
 QUARANTINE_COLUMNS = ["file", "row", "field", "code", "reason", "raw"]
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BUILTIN = "builtin:tasks"
@@ -144,8 +148,6 @@ def read_records(path: Path) -> Iterator[Record]:
     """Yield (row number, record or None, code, problem) for each record of one file; rows count from 1."""
     kind = _base_suffix(path)
     if kind == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(io.BytesIO(_read_bytes(path)))
         except IngestError:
@@ -159,6 +161,9 @@ def read_records(path: Path) -> Iterator[Record]:
             for number, record in enumerate(batch.to_pylist(), start=done + 1):
                 yield number, record, "", ""
             done += batch.num_rows
+        return
+    if kind == ".jsonl" and not _starts_with_utf16_bom(path):
+        yield from _jsonl_records(path)
         return
     text, bad_lines = _decode(path, _read_bytes(path), per_line=kind == ".jsonl")
     if not text.strip() and not bad_lines:
@@ -184,18 +189,63 @@ def read_records(path: Path) -> Iterator[Record]:
             if number in bad_lines:
                 yield number, None, "not_utf8", bad_lines[number]
                 continue
+            if line.strip():
+                yield _json_line_record(number, line)
+
+
+def _starts_with_utf16_bom(path: Path) -> bool:
+    try:
+        with _open_binary(path) as stream:
+            return stream.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except (OSError, EOFError) as exc:
+        raise IngestError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")  # type: ignore[return-value]
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    """Records of a UTF-8 JSONL file read line by line, so a file of any size costs one line of memory."""
+    content = False
+    with _open_binary(path) as stream:
+        lines = iter(stream)
+        number = 0
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                break
+            except (OSError, EOFError) as exc:  # a damaged gzip stream shows up part way through
+                raise IngestError(f"{path}: not a readable gzip file ({exc})") from None
+            number += 1
+            raw = raw.removesuffix(b"\n")
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                content = True
+                yield number, None, "not_utf8", (f"not valid UTF-8 at byte {exc.start} of the line (latin-1?); "
+                                                 "re-encode the file as UTF-8")
+                continue
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line, object_pairs_hook=_reject_duplicate_keys)
-            except _DuplicateKeys as exc:
-                yield number, None, "duplicate_keys", str(exc)
-                continue
-            except ValueError as exc:
-                yield number, None, "invalid_json", f"invalid JSON: {exc}"
-                continue
-            yield (number, record, "", "") if isinstance(record, dict) else (
-                number, None, "not_an_object", "record is not an object")
+            content = True
+            yield _json_line_record(number, line)
+    if not content:
+        yield 0, None, "empty_file", "the file is empty"
+
+
+def _json_line_record(number: int, line: str) -> Record:
+    try:
+        record = json.loads(line, object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKeys as exc:
+        return number, None, "duplicate_keys", str(exc)
+    except ValueError as exc:
+        return number, None, "invalid_json", f"invalid JSON: {exc}"
+    return (number, record, "", "") if isinstance(record, dict) else (
+        number, None, "not_an_object", "record is not an object")
 
 
 def _csv_records(path: Path, text: str) -> Iterator[Record]:
@@ -334,42 +384,52 @@ def _source_specs(config: DataConfig) -> list[SourceSpec]:
 
 def ingest_source(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Give back (canonical rows, quarantined records with file, row, field, code and reason)."""
-    frame, quarantine, _ = _ingest_all(config)
-    return frame, quarantine
+    quarantine: list[dict[str, Any]] = []
+    batches = list(_ingest_batches(config, quarantine, []))
+    frame = pa.Table.from_batches(batches, DATA_SCHEMA).to_pandas()
+    return frame, pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str)
 
 
-def _ingest_all(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
-    frames, quarantine, per_source = [], [], []
+def _ingest_batches(config: DataConfig, quarantine: list[dict[str, Any]], per_source: list[dict[str, Any]],
+                    batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+    """Yield the canonical rows in Arrow batches, source after source; fill `quarantine` and `per_source`.
+
+    Rows stream from the files to the batches: memory holds one batch, not the data set.
+    """
+    remaining = config.max_rows
     for spec in _source_specs(config):
-        rows: list[dict[str, str]] = []
-        if spec.source == BUILTIN:
-            for number, example in enumerate(builtin_tasks.generate(config.builtin_examples, config.seed), start=1):
-                rows.append({**example, "source": f"{BUILTIN}:{number}", "messages": ""})
-        else:
-            fmt = spec.format or config.format
-            columns = config.columns if spec.columns is None else spec.columns
-            for label, records in _record_streams(spec.source, config.hub_split):
-                _ingest_records(label, records, None if fmt == "auto" else fmt, columns, config.max_record_chars,
-                                rows, quarantine)
-        frame = _with_ids(pd.DataFrame(rows, columns=[c for c in CANONICAL_COLUMNS if c != "id"]).fillna(""))
-        read = len(frame)
-        if spec.weight < 1:
-            frame = frame[[_unit_hash(i) < spec.weight for i in frame["id"]]]
-        if spec.max_rows is not None:
-            frame = frame.head(spec.max_rows)
-        per_source.append({"source": spec.source, "rows_read": read, "rows_kept": len(frame)})
-        frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True)
-    if config.max_rows is not None:
-        frame = frame.head(config.max_rows)
-    return (frame.astype(str).reset_index(drop=True),
-            pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str), per_source)
+        read = kept = 0
+        rows = _spec_rows(spec, config, quarantine)
+        while batch := list(itertools.islice(rows, batch_rows)):
+            read += len(batch)
+            ids = [row_id(row["instruction"], row["input"], row["response"]) for row in batch]
+            chosen = list(zip(ids, batch, strict=True))
+            if spec.weight < 1:
+                chosen = [(i, row) for i, row in chosen if _unit_hash(i) < spec.weight]
+            if spec.max_rows is not None:
+                chosen = chosen[:max(spec.max_rows - kept, 0)]
+            kept += len(chosen)
+            if remaining is not None:
+                chosen = chosen[:max(remaining, 0)]
+                remaining -= len(chosen)
+            if chosen:
+                yield pa.RecordBatch.from_pydict(
+                    {"id": [i for i, _ in chosen],
+                     **{c: [str(row.get(c) or "") for _, row in chosen] for c in CANONICAL_COLUMNS[1:]}},
+                    schema=DATA_SCHEMA)
+        per_source.append({"source": spec.source, "rows_read": read, "rows_kept": kept})
 
 
-def _with_ids(frame: pd.DataFrame) -> pd.DataFrame:
-    texts = zip(frame["instruction"], frame["input"], frame["response"], strict=True)
-    frame.insert(0, "id", [row_id(*text) for text in texts])
-    return frame
+def _spec_rows(spec: SourceSpec, config: DataConfig, quarantine: list[dict[str, Any]]) -> Iterator[dict[str, str]]:
+    if spec.source == BUILTIN:
+        for number, example in enumerate(builtin_tasks.generate(config.builtin_examples, config.seed), start=1):
+            yield {**example, "source": f"{BUILTIN}:{number}", "messages": ""}
+        return
+    fmt = spec.format or config.format
+    columns = config.columns if spec.columns is None else spec.columns
+    for label, records in _record_streams(spec.source, config.hub_split):
+        yield from _ingest_records(label, records, None if fmt == "auto" else fmt, columns, config.max_record_chars,
+                                   quarantine)
 
 
 def _unit_hash(value: str) -> float:
@@ -406,7 +466,7 @@ def _dataset_records(source: str, split: str) -> Iterator[Record]:
 
 
 def _ingest_records(label: str, records: Iterator[Record], fmt: str | None, columns: dict[str, str],
-                    max_chars: int, rows: list[dict[str, str]], quarantine: list[dict[str, Any]]) -> None:
+                    max_chars: int, quarantine: list[dict[str, Any]]) -> Iterator[dict[str, str]]:
     default_category = Path(label).name.split(".")[0]
     checked = False
 
@@ -447,8 +507,8 @@ def _ingest_records(label: str, records: Iterator[Record], fmt: str | None, colu
             reject(number, bad.field, bad.code, bad.reason, record)
             continue
         for row in canonical:
-            rows.append({**row, "category": row["category"] or default_category,
-                         "source": f"{label}:{number}", "messages": row.get("messages", "")})
+            yield {**row, "category": row["category"] or default_category,
+                   "source": f"{label}:{number}", "messages": row.get("messages", "")}
 
 
 def source_fingerprint(config: dict[str, Any]) -> str:
@@ -475,19 +535,25 @@ STEP = Step("ingest", __file__, fingerprint=source_fingerprint)
 
 
 def write_ingest(config: DataConfig, out: Path) -> dict[str, Any]:
-    """Write data.parquet and quarantine.parquet; give back the manifest's row counts."""
-    frame, quarantine, per_source = _ingest_all(config)
-    if frame.empty:
+    """Write data.parquet (streamed in Arrow batches) and quarantine.parquet; give back the manifest's row counts."""
+    quarantine: list[dict[str, Any]] = []
+    per_source: list[dict[str, Any]] = []
+    rows = 0
+    with pq.ParquetWriter(out / "data.parquet", DATA_SCHEMA) as writer:
+        for batch in _ingest_batches(config, quarantine, per_source):
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    rejected = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str)
+    if not rows:
         first = ""
-        if len(quarantine):
-            q = quarantine.iloc[0]
+        if len(rejected):
+            q = rejected.iloc[0]
             first = f"; first: {q['file']}: row {q['row']}: {q['field'] + ': ' if q['field'] else ''}{q['reason']}"
         raise IngestError(f"{config.source if not config.sources else 'data.sources'}: no usable rows "
-                          f"({len(quarantine)} quarantined{first})")
-    frame.to_parquet(out / "data.parquet", index=False)
-    quarantine.to_parquet(out / "quarantine.parquet", index=False)
-    return {"rows": len(frame), "quarantined": len(quarantine),
-            "quarantined_by_code": quarantine["code"].value_counts().to_dict(), "sources": per_source}
+                          f"({len(rejected)} quarantined{first})")
+    rejected.to_parquet(out / "quarantine.parquet", index=False)
+    return {"rows": rows, "quarantined": len(rejected),
+            "quarantined_by_code": rejected["code"].value_counts().to_dict(), "sources": per_source}
 
 
 @task(**step_task_options(STEP))

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.artifacts import ArtifactRef, Step
@@ -99,10 +101,22 @@ def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
 STEP = Step("template", __file__)
 
 
-def write_template(config: TemplateConfig, validated: Path, out: Path) -> dict[str, Any]:
-    templated = apply_template(pd.read_parquet(validated / "data.parquet"), config)
-    templated.to_parquet(out / "data.parquet", index=False)
-    return {"rows": len(templated), "splits": templated["split"].value_counts().to_dict(),
+TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
+    "id", "split", "category", "prompt", "completion", "instruction", "input", "response")])
+
+
+def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000) -> dict[str, Any]:
+    """Render the validated rows in Arrow batches into data.parquet; give back counts per split."""
+    splits: dict[str, int] = {}
+    rows = 0
+    with pq.ParquetWriter(out / "data.parquet", TEMPLATED_SCHEMA) as writer:
+        for batch in pq.ParquetFile(validated / "data.parquet", pre_buffer=False).iter_batches(batch_size=batch_rows):
+            templated = apply_template(batch.to_pandas(), config)
+            writer.write_table(pa.Table.from_pandas(templated, TEMPLATED_SCHEMA, preserve_index=False))
+            rows += len(templated)
+            for split, count in templated["split"].value_counts().items():
+                splits[split] = splits.get(split, 0) + int(count)
+    return {"rows": rows, "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),
             "template": list(template_parts(config))}
 
 

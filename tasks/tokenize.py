@@ -13,6 +13,7 @@ stops the step, with the Data Docs kept in the artifact.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,50 @@ def fit_example(prompt: list[int], completion: list[int], max_length: int) -> tu
     return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, True
 
 
+def fit_lengths(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, max_length: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give back (prompt head, prompt tail, completion kept) token counts per row: fit_example on lengths alone."""
+    # an example that fits comes out whole from the same formula: keep_prompt is then the whole prompt
+    keep_prompt = np.minimum(prompt_lengths, np.maximum(max_length // 4, max_length - completion_lengths))
+    head = keep_prompt // 2
+    return head, keep_prompt - head, np.minimum(completion_lengths, max_length - keep_prompt)
+
+
+def encode_flat(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Give back (every token id of every text, one flat int32 array; the token count of each text)."""
+    # the Rust tokenizer directly, without offsets: transformers' wrapper would build per-row dicts and masks
+    encodings = gpt2_tokenizer().backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [encoding.ids for encoding in encodings]
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
+
+
+def _segment_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Give back the concatenation of range(start, start + length) for each segment, without a Python loop."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+
+
 def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBatch:
     """Give back the tokenized rows of one Arrow batch of templated rows."""
-    tokenizer = gpt2_tokenizer()
-    prompts = tokenizer(batch.column("prompt").to_pylist(), add_special_tokens=False).input_ids
-    completions = tokenizer(batch.column("completion").to_pylist(), add_special_tokens=False).input_ids
-    fitted = [fit_example(p, c, config.max_length) for p, c in zip(prompts, completions, strict=True)]
-    labels = [f[1] for f in fitted]
+    prompt_ids, prompt_lengths = encode_flat(batch.column("prompt").to_pylist())
+    completion_ids, completion_lengths = encode_flat(batch.column("completion").to_pylist())
+    head, tail, kept = fit_lengths(prompt_lengths, completion_lengths, config.max_length)
+    # each row is three slices of one source array: prompt head, prompt tail, completion start
+    prompt_starts = np.cumsum(prompt_lengths) - prompt_lengths
+    completion_starts = len(prompt_ids) + np.cumsum(completion_lengths) - completion_lengths
+    starts = np.stack([prompt_starts, prompt_starts + prompt_lengths - tail, completion_starts], axis=1).ravel()
+    take = _segment_indices(starts, np.stack([head, tail, kept], axis=1).ravel())
+    input_ids = np.concatenate([prompt_ids, completion_ids])[take]
+    labels = np.concatenate([np.full(len(prompt_ids), IGNORE_INDEX, np.int32), completion_ids])[take]
+    lengths = (head + tail + kept).astype(np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     return pa.RecordBatch.from_arrays([
         batch.column("id"), batch.column("split"), batch.column("category"),
-        pa.array([f[0] for f in fitted], pa.list_(pa.int32())),
-        pa.array(labels, pa.list_(pa.int32())),
-        pa.array([len(f[0]) for f in fitted], pa.int32()),
-        pa.array([sum(1 for x in lab if x != IGNORE_INDEX) for lab in labels], pa.int32()),
-        pa.array([f[2] for f in fitted], pa.bool_()),
+        pa.ListArray.from_arrays(offsets, pa.array(input_ids)),
+        pa.ListArray.from_arrays(offsets, pa.array(labels)),
+        pa.array(lengths), pa.array(kept.astype(np.int32)),
+        pa.array(prompt_lengths + completion_lengths > config.max_length),
     ], schema=TOKENIZED_SCHEMA)
 
 
@@ -126,7 +157,8 @@ STEP = Step("tokenize", __file__)
 
 def write_tokenize(config: TokenizeConfig, templated: Path, out: Path) -> dict[str, Any]:
     """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics."""
-    source = pq.ParquetFile(templated / "data.parquet")
+    # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
+    source = pq.ParquetFile(templated / "data.parquet", pre_buffer=False)
     schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
     examples = truncated = zero_target = 0
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
