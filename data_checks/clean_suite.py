@@ -16,11 +16,17 @@ def clean_rows_expectations(max_instruction_chars: int, max_response_chars: int)
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
         expectations.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
     expectations += [
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="instruction", min_value=1, max_value=max_instruction_chars),
         gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1, max_value=max_response_chars),
     ]
     return expectations
+
+
+def clean_ids_expectations() -> list[Any]:
+    """Give back the expectations over the whole `id` column (uniqueness cannot be checked batch by batch)."""
+    import great_expectations.expectations as gxe
+
+    return [gxe.ExpectColumnValuesToBeUnique(column="id")]
 
 
 def clean_summary_expectations(min_rows: int, max_quarantine_ratio: float, max_duplicate_ratio: float = 1.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ class CheckOutcome:
     blocking: bool
     observed: Any
     threshold: dict[str, Any]
+    observed_is_count: bool = False  # an unexpected-value count (adds up over batches), not a measured value
 
     def describe(self) -> str:
         where = f" on '{self.column}'" if self.column else ""
@@ -59,9 +61,20 @@ class GateReport:
 _THRESHOLD_KEYS = ("min_value", "max_value", "column_set", "type_", "type_list", "value_set")
 
 
-def run_suites(frames: dict[str, tuple[pd.DataFrame, list[Any]]], docs_dir: Path, warn_only: set[str]) -> GateReport:
-    """Validate each named frame against its expectations; write Data Docs under `docs_dir`.
+def _merge(first: CheckOutcome, later: CheckOutcome) -> CheckOutcome:
+    """One outcome for an expectation checked batch by batch: fails if any batch failed; counts add up."""
+    counts = isinstance(first.observed, int) and isinstance(later.observed, int) and first.observed_is_count
+    observed = first.observed + later.observed if counts else (later.observed if first.success else first.observed)
+    return CheckOutcome(first.suite, first.expectation, first.column, first.success and later.success,
+                        first.blocking, observed, first.threshold, first.observed_is_count)
 
+
+def run_suites(suites: dict[str, tuple[pd.DataFrame | Iterable[pd.DataFrame], list[Any]]], docs_dir: Path,
+               warn_only: set[str]) -> GateReport:
+    """Validate each named suite's frame, or its frames batch by batch, and write Data Docs under `docs_dir`.
+
+    Batches keep memory bounded on large artifacts: each batch is one validation run (one Data Docs page) and
+    the report holds one outcome per expectation, failed if any batch failed, with unexpected counts summed.
     An expectation is blocking unless its type (e.g. `expect_column_values_to_be_unique`) or
     `<suite>.<type>` is listed in `warn_only`.
     """
@@ -78,7 +91,7 @@ def run_suites(frames: dict[str, tuple[pd.DataFrame, list[Any]]], docs_dir: Path
     })
     source = context.data_sources.add_pandas("itune")
     report = GateReport(docs_index=str(docs_dir / "index.html"))
-    for name, (frame, expectations) in frames.items():
+    for name, (frames, expectations) in suites.items():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
@@ -86,15 +99,26 @@ def run_suites(frames: dict[str, tuple[pd.DataFrame, list[Any]]], docs_dir: Path
             name=f"{name}_checkpoint", validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["itune"])],
         ))
-        result = checkpoint.run(batch_parameters={"dataframe": frame})
-        for run in result.run_results.values():
-            for check in run.results:
-                config = check.expectation_config
-                observed = check.result.get("observed_value", check.result.get("unexpected_count"))
-                report.outcomes.append(CheckOutcome(
-                    suite=name, expectation=config.type, column=str(config.kwargs.get("column", "")),
-                    success=bool(check.success),
-                    blocking=config.type not in warn_only and f"{name}.{config.type}" not in warn_only,
-                    observed=observed, threshold={k: config.kwargs[k] for k in _THRESHOLD_KEYS if k in config.kwargs},
-                ))
+        merged: dict[str, CheckOutcome] = {}
+        for frame in [frames] if isinstance(frames, pd.DataFrame) else frames:
+            result = checkpoint.run(batch_parameters={"dataframe": frame})
+            for run in result.run_results.values():
+                for check in run.results:
+                    outcome = _outcome(name, check, warn_only)
+                    key = str(check.expectation_config.id)
+                    merged[key] = _merge(merged[key], outcome) if key in merged else outcome
+        report.outcomes += merged.values()
     return report
+
+
+def _outcome(suite: str, check: Any, warn_only: set[str]) -> CheckOutcome:
+    config = check.expectation_config
+    has_value = "observed_value" in check.result
+    return CheckOutcome(
+        suite=suite, expectation=config.type, column=str(config.kwargs.get("column", "")),
+        success=bool(check.success),
+        blocking=config.type not in warn_only and f"{suite}.{config.type}" not in warn_only,
+        observed=check.result["observed_value"] if has_value else check.result.get("unexpected_count"),
+        threshold={k: config.kwargs[k] for k in _THRESHOLD_KEYS if k in config.kwargs},
+        observed_is_count=not has_value,
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from tasks.artifacts import absolute_root
 from tasks.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def deploy_finetune(pool: str, source: Path = REPO, pool_type: str = "process", 
 def deployed_config(cfg: PipelineConfig) -> dict[str, Any]:
     """Give back the config the pipeline deployments run with: absolute artifact root, fine-tune on the gpu pool."""
     raw = cfg.as_dict()
-    raw["artifacts"]["root"] = str(Path(cfg.artifacts.root).expanduser().resolve())
+    raw["artifacts"]["root"] = absolute_root(cfg.artifacts.root)
     raw["train"]["work_pool"] = cfg.train.work_pool or cfg.deploy.gpu_pool
     return raw
 

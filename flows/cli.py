@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from flows.local_api import LocalPrefectAPI
+from tasks.artifacts import absolute_root
 from tasks.config import STEPS, ConfigError, PipelineConfig, load_config
 from tasks.registry import METRIC_LABELS, Registry, RegistryError, model_and_template
 
@@ -152,7 +153,7 @@ def _metrics(refs: dict[str, Any]) -> dict[str, Any]:
     ref = refs.get("evaluate")
     if ref is None:
         return {}
-    manifest = json.loads((Path(ref.uri) / "manifest.json").read_text(encoding="utf-8"))
+    manifest = json.loads((ref.path / "manifest.json").read_text(encoding="utf-8"))
     return manifest.get("metrics", {})
 
 
@@ -210,7 +211,7 @@ def run(
         cfg = load_config(config, set_ or [])
     except ConfigError as exc:
         fail(str(exc), 2)
-    cfg.artifacts.root = str(Path(cfg.artifacts.root).expanduser().resolve())
+    cfg.artifacts.root = absolute_root(cfg.artifacts.root)
     _finish(run_pipeline(cfg, until, debug), as_json, started)
 
 
@@ -256,12 +257,13 @@ def run_pipeline(cfg: PipelineConfig, until: str, debug: bool = False, overrides
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: the quickstart)")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a key: eval.max_new_tokens=64")]
-RootOption = Annotated[Path | None, typer.Option("--root", help="artifact root (default: the config's artifacts.root)")]
+RootOption = Annotated[str | None, typer.Option("--root", help="artifact root, a folder or an fsspec URL "
+                                                                "(default: the config's artifacts.root)")]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="champion, a registered model key, or a model folder")]
 TemplateOption = Annotated[str | None, typer.Option(help="prompt template if the model's lineage does not record one")]
 
 
-def _settings(config: Path | None, set_: list[str] | None, root: Path | None) -> tuple[PipelineConfig, Registry]:
+def _settings(config: Path | None, set_: list[str] | None, root: str | None) -> tuple[PipelineConfig, Registry]:
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as exc:

@@ -28,6 +28,8 @@ def pipeline(config: dict[str, Any], until: str = "evaluate", overrides: list[st
     """
     cfg = with_overrides(config, overrides or [])
     root = cfg.artifacts.root
+    # a parameter of its own, not part of step_config: where batches run never changes a step's key
+    runner = cfg.section("runner")
     done: dict[str, ArtifactRef] = {}
     last = STEPS.index(until)
 
@@ -38,16 +40,16 @@ def pipeline(config: dict[str, Any], until: str = "evaluate", overrides: list[st
     raw = ingest(cfg.step_config("ingest"), root)
     if not keep("ingest", raw):
         return done
-    cleaned = clean(cfg.step_config("clean"), root, raw)
+    cleaned = clean(cfg.step_config("clean"), root, raw, runner)
     if not keep("clean", cleaned):
         return done
     validated = validate(cfg.step_config("validate"), root, cleaned)
     if not keep("validate", validated):
         return done
-    templated = template(cfg.step_config("template"), root, validated)
+    templated = template(cfg.step_config("template"), root, validated, runner)
     if not keep("template", templated):
         return done
-    tokenized = tokenize(cfg.step_config("tokenize"), root, templated)
+    tokenized = tokenize(cfg.step_config("tokenize"), root, templated, runner)
     if not keep("tokenize", tokenized):
         return done
     if cfg.train.work_pool:  # the dispatch may end in a Cached state of its own: take the reference from it

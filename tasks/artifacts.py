@@ -4,6 +4,12 @@ An artifact lives at `<root>/<step>/<key>/`: its files plus `manifest.json`, wri
 hashes the input artifacts' keys, the step's config section and the step's code, so equal inputs
 give an equal key. An artifact counts as present only when its manifest exists and every file's
 sha256 matches it; anything else is rebuilt, never read.
+
+The root is a folder or an fsspec URL (`s3://bucket/itune`, `gs://...`, `memory://...`) that workers
+on several machines share. With a URL, each machine builds and reads in a local mirror of the root
+and the shared copy is the meeting point: an artifact is uploaded after it is published locally,
+its manifest last (object stores have no rename, so a manifest marks a complete upload), and is
+downloaded on first use with every file checked against the manifest's sha256.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from pydantic import BaseModel
 
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
+# Where machines keep their local mirrors of shared (URL) artifact roots.
+MIRROR_ENV = "ITUNE_MIRROR"
+DEFAULT_MIRROR = "~/.cache/itune/mirrors"
 
 # Operators rehearse "fail, then rerun only what failed" by naming a step here; it fails only when it would build.
 FAULT_ENV = "ITUNE_FAIL_AT"
@@ -50,7 +59,8 @@ class ArtifactRef(BaseModel):
 
     @property
     def path(self) -> Path:
-        return Path(self.uri)
+        """The artifact's folder on this machine (fetched from a shared root on first use)."""
+        return local_folder(self.uri, self.step, self.key)
 
 
 def canonical_json(value: Any) -> str:
@@ -90,11 +100,75 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+def is_url(root: str | Path) -> bool:
+    """Tell whether an artifact root names shared storage (an fsspec URL other than a local file path)."""
+    text = str(root)
+    return "://" in text and text.split("://", 1)[0] not in ("file", "")
+
+
+def absolute_root(root: str | Path) -> str:
+    """Give back the root as deployments and other working directories must see it: absolute, URLs unchanged."""
+    if is_url(root):
+        return str(root).rstrip("/")
+    return str(Path(str(root).removeprefix("file://")).expanduser().resolve())
+
+
+def local_folder(uri: str, step: str, key: str) -> Path:
+    """Give back the folder on this machine of the artifact at `uri`, a path or `<shared root URL>/<step>/<key>`."""
+    if not is_url(uri):
+        return Path(uri)
+    store = ArtifactStore(uri.rstrip("/").rsplit("/", 2)[0])
+    store.manifest(step, key)  # fetches it into this machine's mirror if it is not there yet
+    return store.path(step, key)
+
+
+class SharedRoot:
+    """The shared copy of a URL artifact root, reached through fsspec, and this machine's mirror of it."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.base = fsspec.core.url_to_fs(self.url)
+        mirrors = Path(os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR).expanduser().resolve()
+        self.mirror = mirrors / sha256_text(self.url)[:16]
+
+    def remote(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    def read_text(self, *parts: str) -> str | None:
+        try:
+            return self.fs.cat_file(self.remote(*parts)).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def download(self, parts: list[str], local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(self.remote(*parts), str(local))
+
+    def upload(self, local: Path, parts: list[str]) -> None:
+        target = self.remote(*parts)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(local), target)
+
+
 class ArtifactStore:
-    """Reads and writes artifacts under one root folder."""
+    """Reads and writes artifacts under one root: a folder, or the local mirror of a shared URL root."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.shared = SharedRoot(str(root)) if is_url(root) else None
+        self.root = self.shared.mirror if self.shared else Path(absolute_root(root))
+
+    @property
+    def location(self) -> str:
+        """The root as every machine names it: the URL of a shared root, else the folder."""
+        return self.shared.url if self.shared else str(self.root)
+
+    def uri_of(self, step: str, key: str) -> str:
+        """Give back an artifact's location as a URI that is the same on every machine sharing the root."""
+        if self.shared:
+            return f"{self.shared.url}/{step}/{key}"
+        return self.path(step, key).as_uri()
 
     def path(self, step: str, key: str) -> Path:
         for part in (step, key):
@@ -103,19 +177,18 @@ class ArtifactStore:
         return self.root / step / key
 
     def manifest(self, step: str, key: str) -> dict[str, Any] | None:
-        """Give back the manifest of an intact artifact, or None if it is missing or corrupt."""
-        folder = self.path(step, key)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            files = manifest["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return manifest if files_match(folder, files, sha256_file) else None
+        """Give back the manifest of an intact artifact, or None if it is missing or corrupt.
+
+        With a shared root, an artifact missing here is fetched from the shared copy first.
+        """
+        manifest = _intact_manifest(self.path(step, key))
+        if manifest is None and self.shared is not None:
+            manifest = self._fetch(step, key)
+        return manifest
 
     def ref(self, step: str, key: str, manifest: dict[str, Any]) -> ArtifactRef:
-        return ArtifactRef(
-            step=step, key=key, uri=str(self.path(step, key)), rows=manifest["rows"], sha256=manifest["sha256"]
-        )
+        uri = self.uri_of(step, key) if self.shared else str(self.path(step, key))
+        return ArtifactRef(step=step, key=key, uri=uri, rows=manifest["rows"], sha256=manifest["sha256"])
 
     def open(self, ref: ArtifactRef) -> Path:
         """Give back the folder of a verified artifact; raise ArtifactError if it fails verification."""
@@ -155,6 +228,42 @@ class ArtifactStore:
             self._publish(temp, final)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
+        if self.shared is not None:
+            self._upload(step, key)
+
+    def _upload(self, step: str, key: str) -> None:
+        """Copy a published artifact to the shared root, manifest last: until it lands, others see no artifact."""
+        assert self.shared is not None
+        folder = self.path(step, key)
+        manifest = _intact_manifest(folder)
+        if manifest is None:
+            return  # nothing intact to share (the local publish lost to a corrupt copy); the next run rebuilds
+        for name in manifest["files"]:
+            self.shared.upload(folder / name, [step, key, name])
+        self.shared.upload(folder / MANIFEST, [step, key, MANIFEST])
+
+    def _fetch(self, step: str, key: str) -> dict[str, Any] | None:
+        """Download an artifact from the shared root into the mirror if its copy there is complete and intact."""
+        assert self.shared is not None
+        text = self.shared.read_text(step, key, MANIFEST)
+        if text is None:
+            return None
+        final = self.path(step, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temp = final.parent / f".fetch-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            files = json.loads(text)["files"]
+            for name in files:
+                self.shared.download([step, key, name], temp / name)
+            if not files_match(temp, files, sha256_file):
+                return None  # a torn or tampered shared copy counts as missing: the step rebuilds and re-uploads
+            write_text_atomically(temp / MANIFEST, text)
+            self._publish(temp, final)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        return _intact_manifest(final)
 
     def find(self, spec: str) -> Path:
         """Give back an artifact folder from a path, `step/key`, or a unique key prefix."""
@@ -186,12 +295,12 @@ class ArtifactStore:
                           "rows": manifest.get("rows"), "created_at": manifest.get("created_at"),
                           "verified": verified, "inputs": [entry["uri"] for entry in manifest.get("inputs", [])],
                           "sources": manifest.get("sources") or []})
-            pending += [Path(entry["uri"]) for entry in manifest.get("inputs", [])]
+            pending += [local_folder(e["uri"], e["step"], e["key"]) for e in manifest.get("inputs", [])]
         return chain
 
     def _publish(self, temp: Path, final: Path) -> None:
         if final.exists():
-            if self.manifest(final.parent.name, final.name) is not None:
+            if _intact_manifest(final) is not None:
                 return  # another run published the same content first
             aside = final.parent / f".corrupt-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, aside)
@@ -199,8 +308,18 @@ class ArtifactStore:
         try:
             os.rename(temp, final)
         except OSError:
-            if self.manifest(final.parent.name, final.name) is None:
+            if _intact_manifest(final) is None:
                 raise
+
+
+def _intact_manifest(folder: Path) -> dict[str, Any] | None:
+    """Give back the manifest in `folder` if it parses and every file it lists matches its sha256."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if files_match(folder, files, sha256_file) else None
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ from tasks.artifacts import MANIFEST, ArtifactRef, ArtifactStore, Step, sha256_t
 
 
 def _record_key(root: str, ref: ArtifactRef) -> str:
-    return f"itune/{sha256_text(str(ArtifactStore(root).root))[:12]}/{ref.step}/{ref.key}/{ref.sha256[:16]}"
+    return f"itune/{sha256_text(ArtifactStore(root).location)[:12]}/{ref.step}/{ref.key}/{ref.sha256[:16]}"
 
 
 @dataclass
@@ -57,7 +57,7 @@ def asset_key(uri: str) -> str:
     return uri if "://" in uri else Path(uri).resolve().as_uri()
 
 
-def _publish_lineage(ref: ArtifactRef, upstream_uris: list[str]) -> None:
+def _publish_lineage(ref: ArtifactRef, uri: str, upstream_uris: list[str]) -> None:
     """Emit Prefect asset events (this artifact materialized from its upstream ones) and a UI artifact.
 
     These are the events `prefect.assets.materialize` emits; artifact locations are only known at run
@@ -68,7 +68,7 @@ def _publish_lineage(ref: ArtifactRef, upstream_uris: list[str]) -> None:
     from prefect.context import AssetContext
     from prefect.events import emit_event
 
-    asset = Asset(key=asset_key(ref.uri))
+    asset = Asset(key=asset_key(uri))
     upstream = [Asset(key=asset_key(uri)) for uri in upstream_uris]
     for parent in upstream:
         emit_event(event="prefect.asset.referenced", resource=AssetContext.asset_as_resource(parent), related=[])
@@ -92,8 +92,10 @@ def finish_step(root: str, ref: ArtifactRef, built: bool) -> ArtifactRef:
     context = TaskRunContext.get()
     if context is not None and context.result_store is not None:
         context.result_store.write(obj=ref, key=_record_key(root, ref))
-    manifest = json.loads((Path(ref.uri) / MANIFEST).read_text(encoding="utf-8"))
-    _publish_lineage(ref, [entry["uri"] for entry in manifest.get("inputs", [])])
+    manifest = json.loads((ref.path / MANIFEST).read_text(encoding="utf-8"))
+    store = ArtifactStore(root)
+    _publish_lineage(ref, store.uri_of(ref.step, ref.key),
+                     [store.uri_of(entry["step"], entry["key"]) for entry in manifest.get("inputs", [])])
     how = "built" if built else "reused intact"
     get_run_logger().info("%s %s: %d rows at %s (sha256 %s)", how, ref.step, ref.rows, ref.uri, ref.sha256[:12])
     return ref

@@ -8,6 +8,7 @@ the row, a reason code and a detail.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
@@ -26,7 +27,8 @@ from prefect import task
 
 from tasks.artifacts import ArtifactRef, Step
 from tasks.caching import finish_step, step_task_options
-from tasks.config import CleanConfig
+from tasks.config import CleanConfig, RunnerConfig
+from tasks.runner import map_batches
 
 TEXT_FIELDS = ("instruction", "input", "response")
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -95,6 +97,24 @@ def latin_share(text: str) -> float:
         return 1.0
     latin = sum(1 for ch in letters if ch < "\u0250" or "\u1e00" <= ch <= "\u1eff")
     return latin / len(letters)
+
+
+@functools.cache
+def _language_identifier() -> Any:
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def language_codes() -> set[str]:
+    """The ISO 639-1 codes the language identifier can name."""
+    return set(_language_identifier().nb_classes)
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    """Give back (ISO 639-1 code, probability) from py3langid's model, which ships inside the package."""
+    language, confidence = _language_identifier().classify(text)
+    return str(language), float(confidence)
 
 
 def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -289,6 +309,12 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
     if config.language == "latin":
         share = (frame["instruction"] + " " + frame["input"] + " " + frame["response"]).map(latin_share)
         mark(share < config.min_script_share, "other_script", share.map(lambda v: f"latin share {v:.2f}"))
+    elif config.language != "any":
+        wanted = set(config.language.split(","))
+        found = (frame["instruction"] + "\n" + frame["input"] + "\n" + frame["response"]).map(identify_language)
+        language, confidence = found.str[0], found.str[1].astype(float)
+        mark(~language.isin(wanted) & (confidence >= config.min_language_confidence), "other_language",
+             language + " (" + confidence.map("{:.2f}".format) + ")")
     return frame, pd.DataFrame({"reason": reason, "detail": detail})
 
 
@@ -407,12 +433,18 @@ def _mark_token_bounds(frame: pd.DataFrame, reason: pd.Series, mark: Any, config
 STEP = Step("clean", __file__)
 
 
-def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int = 20_000) -> dict[str, Any]:
+def check_batch(batch: pa.RecordBatch, config: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """check_rows on one Arrow batch (row-local: any runner may run it)."""
+    return check_rows(batch.to_pandas(), config)
+
+
+def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int = 20_000,
+                runner: RunnerConfig | None = None) -> dict[str, Any]:
     """Write data.parquet and quarantine.parquet (upstream quarantine carried along); give back counts.
 
     Two passes over Arrow batches, so memory holds a batch plus a hash and a signature per row: the first
-    normalises and checks each batch into a staging file and feeds the duplicate finder, the second splits the
-    staged rows into kept and dropped once the duplicates are known.
+    normalises and checks each batch (on `runner`) into a staging file and feeds the duplicate finder here, in
+    order; the second splits the staged rows into kept and dropped once the duplicates are known.
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
     source = pq.ParquetFile(ingested / "data.parquet", pre_buffer=False)
@@ -421,8 +453,8 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     staging = out / ".checked.parquet"
     duplicates = Duplicates(config)
     with pq.ParquetWriter(staging, staged_schema) as writer:
-        for batch in source.iter_batches(batch_size=batch_rows):
-            frame, checked = check_rows(batch.to_pandas(), config)
+        for frame, checked in map_batches(check_batch, source.iter_batches(batch_size=batch_rows), config,
+                                          runner=runner, step="clean"):
             duplicates.add(frame, checked["reason"])
             writer.write_table(pa.Table.from_pandas(pd.concat([frame, checked], axis=1), staged_schema,
                                                     preserve_index=False))
@@ -478,8 +510,9 @@ def _rows_of(path: Path, column: str, rows: np.ndarray) -> list[str]:
 
 
 @task(**step_task_options(STEP))
-def clean(config: dict[str, Any], root: str, ingested: ArtifactRef) -> ArtifactRef:
-    """Prefect task: the clean artifact for this ingest artifact."""
-    ref, built = STEP.produce(config, root, [ingested],
-                              lambda out, inputs: write_clean(CleanConfig(**config), inputs[0], out))
+def clean(config: dict[str, Any], root: str, ingested: ArtifactRef, runner: dict[str, Any] | None = None
+          ) -> ArtifactRef:
+    """Prefect task: the clean artifact for this ingest artifact; `runner` (where batches are checked) is not keyed."""
+    ref, built = STEP.produce(config, root, [ingested], lambda out, inputs: write_clean(
+        CleanConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
     return finish_step(root, ref, built)

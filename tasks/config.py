@@ -85,8 +85,25 @@ class CleanConfig(Section):
     near_duplicate_num_perm: int = Field(64, ge=16, le=512)
     near_duplicate_min_words: PositiveInt = Field(
         16, description="shorter rows only get the exact check: MinHash of a handful of words is noise")
-    language: Literal["any", "latin"] = Field("any", description="latin: drop rows mostly in other scripts")
+    language: str = Field("any", description="any; latin (a script check); or ISO 639-1 codes to keep, e.g. 'en' "
+                          "or 'en,de' (a language identifier)")
     min_script_share: float = Field(0.8, ge=0, le=1)
+    min_language_confidence: float = Field(
+        0.9, ge=0, le=1, description="drop a row only when identified as another language at least this surely")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        if value in ("any", "latin"):
+            return value
+        from tasks.clean import language_codes
+
+        codes = [code.strip().lower() for code in value.split(",") if code.strip()]
+        unknown = sorted(set(codes) - language_codes())
+        if not codes or unknown:
+            raise ValueError(f"clean.language: {', '.join(unknown) or 'nothing'} is not 'any', 'latin' or an ISO "
+                             "639-1 code the identifier knows (e.g. en, de, fr, es, zh, ja)")
+        return ",".join(codes)
 
 
 class ValidateConfig(Section):
@@ -250,6 +267,23 @@ class DeployConfig(Section):
         return f"{int(minute)} {int(hour)} * * *"
 
 
+class RunnerConfig(Section):
+    """Where the data steps run their per-batch work; in no step's key (every runner writes the same bytes)."""
+
+    kind: Literal["local", "dask"] = Field("local", description="local: in this process; dask: on a Dask cluster")
+    address: str | None = Field(
+        None, description="scheduler of an existing Dask cluster, e.g. tcp://scheduler:8786; None: a local one")
+    workers: PositiveInt = Field(2, description="worker processes of the local cluster started when address is None")
+    batches_in_flight: PositiveInt | None = Field(
+        None, description="batches handed out and not yet written back; None: two per worker thread")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerConfig:
+        if self.address is not None and self.kind != "dask":
+            raise ValueError(f"runner.address is only used with runner.kind=dask (kind is {self.kind})")
+        return self
+
+
 class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
@@ -262,6 +296,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 

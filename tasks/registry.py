@@ -10,6 +10,7 @@ no torch, so the CLI reads it in a blink.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.artifacts import write_text_atomically
+from tasks.artifacts import ArtifactStore, local_folder, write_text_atomically
 from tasks.config import PromoteConfig
 
 REGISTRY_DIR = "registry"
@@ -117,7 +118,8 @@ def upstream_config(folder: str | Path, step: str, depth: int = 10) -> dict[str,
         if not inputs:
             return None
         # a step's primary input comes first (template before tokenize for evaluate; data for the rest)
-        folder = Path(next((i["uri"] for i in inputs if i["step"] == step), inputs[-1]["uri"]))
+        entry = next((i for i in inputs if i["step"] == step), inputs[-1])
+        folder = local_folder(entry["uri"], entry["step"], entry["key"])
     return None
 
 
@@ -125,12 +127,23 @@ class Registry:
     """The registry file of one artifact root."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.store = ArtifactStore(root)
+        self.root = self.store.root
         self.folder = self.root / REGISTRY_DIR
         self.file = self.folder / REGISTRY_FILE
 
+    def _pull(self) -> None:
+        """With a shared root, bring this machine's copy of the registry up to date with the shared one."""
+        shared = self.store.shared
+        if shared is not None and shared.read_text(REGISTRY_DIR, REGISTRY_FILE) is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fetched = self.folder / f".{REGISTRY_FILE}.fetched"
+            shared.download([REGISTRY_DIR, REGISTRY_FILE], fetched)
+            os.replace(fetched, self.file)
+
     def load(self) -> dict[str, Any]:
         """Give back the registry (an empty one if none was written yet); reads need no lock."""
+        self._pull()
         try:
             data = json.loads(self.file.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -147,6 +160,10 @@ class Registry:
             data = self.load()
             yield data
             write_text_atomically(self.file, json.dumps(data, indent=2, default=str))
+            if self.store.shared is not None:
+                # object stores have no lock: machines deciding in the same moment can overwrite each other's
+                # entry (the models stay registered in their artifacts); one promoting pool avoids that
+                self.store.shared.upload(self.file, [REGISTRY_DIR, REGISTRY_FILE])
 
     def consider(self, candidate: dict[str, Any], config: PromoteConfig, flow_run_id: str | None = None
                  ) -> dict[str, Any]:
@@ -224,11 +241,15 @@ class Registry:
             if data["champion"] is None:
                 raise RegistryError(f"no champion yet in {self.file}; run `itune run` (the first model becomes "
                                     "champion) or pass --model PATH")
-            return Path(data["champion"]["model_uri"])
+            return self._model_path(data["champion"])
         path = Path(spec).expanduser()
         if path.is_dir():
             return path.resolve()
-        return Path(data["candidates"][self._find(data, spec)]["model_uri"])
+        return self._model_path(data["candidates"][self._find(data, spec)])
+
+    @staticmethod
+    def _model_path(entry: dict[str, Any]) -> Path:
+        return local_folder(entry["model_uri"], "finetune", entry["model_key"])
 
 
 def model_and_template(folder: Path) -> tuple[Path, dict[str, Any] | None]:

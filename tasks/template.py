@@ -20,7 +20,8 @@ from prefect import task
 
 from tasks.artifacts import ArtifactRef, Step
 from tasks.caching import finish_step, step_task_options
-from tasks.config import TemplateConfig
+from tasks.config import RunnerConfig, TemplateConfig
+from tasks.runner import map_batches
 
 BOS = EOS = "<|endoftext|>"
 
@@ -105,24 +106,31 @@ TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
     "id", "split", "category", "prompt", "completion", "instruction", "input", "response")])
 
 
-def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000) -> dict[str, Any]:
+def template_batch(batch: pa.RecordBatch, config: TemplateConfig) -> pa.Table:
+    """Give back one Arrow batch of validated rows rendered (row-local: any runner may run it)."""
+    return pa.Table.from_pandas(apply_template(batch.to_pandas(), config), TEMPLATED_SCHEMA, preserve_index=False)
+
+
+def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000,
+                   runner: RunnerConfig | None = None) -> dict[str, Any]:
     """Render the validated rows in Arrow batches into data.parquet; give back counts per split."""
     splits: dict[str, int] = {}
     rows = 0
+    batches = pq.ParquetFile(validated / "data.parquet", pre_buffer=False).iter_batches(batch_size=batch_rows)
     with pq.ParquetWriter(out / "data.parquet", TEMPLATED_SCHEMA) as writer:
-        for batch in pq.ParquetFile(validated / "data.parquet", pre_buffer=False).iter_batches(batch_size=batch_rows):
-            templated = apply_template(batch.to_pandas(), config)
-            writer.write_table(pa.Table.from_pandas(templated, TEMPLATED_SCHEMA, preserve_index=False))
-            rows += len(templated)
-            for split, count in templated["split"].value_counts().items():
-                splits[split] = splits.get(split, 0) + int(count)
+        for templated in map_batches(template_batch, batches, config, runner=runner, step="template"):
+            writer.write_table(templated)
+            rows += templated.num_rows
+            for entry in templated.column("split").value_counts().to_pylist():
+                splits[entry["values"]] = splits.get(entry["values"], 0) + entry["counts"]
     return {"rows": rows, "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),
             "template": list(template_parts(config))}
 
 
 @task(**step_task_options(STEP))
-def template(config: dict[str, Any], root: str, validated: ArtifactRef) -> ArtifactRef:
-    """Prefect task: the template artifact for this validated data."""
-    ref, built = STEP.produce(config, root, [validated],
-                              lambda out, inputs: write_template(TemplateConfig(**config), inputs[0], out))
+def template(config: dict[str, Any], root: str, validated: ArtifactRef, runner: dict[str, Any] | None = None
+             ) -> ArtifactRef:
+    """Prefect task: the template artifact for this validated data; `runner` (where batches render) is not keyed."""
+    ref, built = STEP.produce(config, root, [validated], lambda out, inputs: write_template(
+        TemplateConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
     return finish_step(root, ref, built)

@@ -28,8 +28,9 @@ from data_checks.gate import GateFailed, run_suites
 from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
 from tasks.artifacts import ArtifactRef, ArtifactStore, Step, sha256_text
 from tasks.caching import finish_step, step_task_options
-from tasks.config import TokenizeConfig
+from tasks.config import RunnerConfig, TokenizeConfig
 from tasks.modeling import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_tokenizer
+from tasks.runner import map_batches
 
 TOKENIZED_SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("category", pa.string()),
@@ -155,8 +156,12 @@ def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: 
 STEP = Step("tokenize", __file__)
 
 
-def write_tokenize(config: TokenizeConfig, templated: Path, out: Path) -> dict[str, Any]:
-    """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics."""
+def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: RunnerConfig | None = None
+                   ) -> dict[str, Any]:
+    """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics.
+
+    Tokenizing is row-local and runs on `runner`; statistics and packing stay here, batch after batch in order.
+    """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
     source = pq.ParquetFile(templated / "data.parquet", pre_buffer=False)
     schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
@@ -166,8 +171,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path) -> dict[s
     with pq.ParquetWriter(out / "data.parquet", schema) as writer:
         batches = source.iter_batches(batch_size=config.batch_size,
                                       columns=["id", "split", "category", "prompt", "completion"])
-        for batch in batches:
-            tokenized = tokenize_batch(batch, config)
+        for tokenized in map_batches(tokenize_batch, batches, config, runner=runner, step="tokenize"):
             n_target = tokenized.column("n_target").to_numpy()
             examples += tokenized.num_rows
             truncated += int(np.sum(tokenized.column("truncated").to_numpy(zero_copy_only=False)))
@@ -210,13 +214,17 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path) -> dict[s
 
 
 @task(**step_task_options(STEP))
-def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef) -> ArtifactRef:
-    """Prefect task: the tokenize artifact for this templated data; raises when its gate blocks."""
-    ref, built = STEP.produce(config, root, [templated],
-                              lambda out, inputs: write_tokenize(TokenizeConfig(**config), inputs[0], out))
+def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef, runner: dict[str, Any] | None = None
+             ) -> ArtifactRef:
+    """Prefect task: the tokenize artifact for this templated data; raises when its gate blocks.
+
+    `runner` says where the batches are tokenized; it is not part of the key (every runner writes the same bytes).
+    """
+    ref, built = STEP.produce(config, root, [templated], lambda out, inputs: write_tokenize(
+        TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
     manifest = ArtifactStore(root).manifest(ref.step, ref.key) or {}
     if not manifest.get("passed", False):
-        docs = Path(ref.uri) / "data_docs" / "index.html"
+        docs = ref.path / "data_docs" / "index.html"
         raise TokenizeGateFailed(f"{manifest.get('failure', 'tokenized data failed its checks')}. "
                                  f"Data Docs: {docs.as_uri()}")
     return finish_step(root, ref, built)

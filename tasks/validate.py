@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from prefect import task
 
-from data_checks.clean_suite import clean_rows_expectations, clean_summary_expectations
+from data_checks.clean_suite import clean_ids_expectations, clean_rows_expectations, clean_summary_expectations
 from data_checks.gate import GateFailed, GateReport, run_suites
 from tasks.artifacts import ArtifactRef, ArtifactStore, Step
 from tasks.caching import finish_step, step_task_options
@@ -26,17 +29,42 @@ class ValidationFailed(GateFailed):
     """A blocking expectation on the clean data failed (message: which, observed, wanted, Data Docs link)."""
 
 
-def check_clean_data(frame: pd.DataFrame, stats: dict[str, Any], config: ValidateConfig, docs_dir: Path) -> GateReport:
-    """Give back the gate report for clean rows plus the clean step's summary counts."""
+# Rows per Great Expectations run: the row checks go batch by batch so memory stays bounded at millions of rows.
+ROWS_PER_CHECK = 200_000
+
+
+def _row_batches(data: Path, rows_per_batch: int) -> Iterator[pd.DataFrame]:
+    parquet = pq.ParquetFile(data)
+    if parquet.metadata.num_rows == 0:  # still one run, so an empty artifact is checked (and fails min_rows)
+        yield parquet.schema_arrow.empty_table().to_pandas()
+    for batch in parquet.iter_batches(batch_size=rows_per_batch):
+        yield batch.to_pandas()
+
+
+def _mean_chars(data: Path, column: str) -> float:
+    """Mean length in characters of a text column, summed batch by batch without building a frame."""
+    total = rows = 0
+    for batch in pq.ParquetFile(data).iter_batches(columns=[column], batch_size=ROWS_PER_CHECK):
+        total += pc.sum(pc.utf8_length(batch.column(0))).as_py() or 0
+        rows += batch.num_rows
+    return total / rows if rows else 0.0
+
+
+def check_clean_data(data: Path, stats: dict[str, Any], config: ValidateConfig, docs_dir: Path,
+                     rows_per_batch: int = ROWS_PER_CHECK) -> GateReport:
+    """Give back the gate report for the clean rows in `data` (a Parquet file) plus the clean step's counts."""
+    rows = pq.ParquetFile(data).metadata.num_rows
     summary = pd.DataFrame([{
-        "rows": len(frame), "quarantine_ratio": float(stats.get("quarantine_ratio", 0.0)),
+        "rows": rows, "quarantine_ratio": float(stats.get("quarantine_ratio", 0.0)),
         "duplicate_ratio": float(stats.get("duplicate_ratio", 0.0)),
-        "mean_instruction_chars": float(frame["instruction"].str.len().mean()) if len(frame) else 0.0,
-        "mean_response_chars": float(frame["response"].str.len().mean()) if len(frame) else 0.0,
+        "mean_instruction_chars": _mean_chars(data, "instruction"),
+        "mean_response_chars": _mean_chars(data, "response"),
     }])
     return run_suites(
         {
-            "clean_rows": (frame, clean_rows_expectations(config.max_instruction_chars, config.max_response_chars)),
+            "clean_rows": (_row_batches(data, rows_per_batch),
+                           clean_rows_expectations(config.max_instruction_chars, config.max_response_chars)),
+            "clean_ids": (pq.read_table(data, columns=["id"]).to_pandas(), clean_ids_expectations()),
             "clean_summary": (summary, clean_summary_expectations(
                 config.min_rows, config.max_quarantine_ratio, config.max_duplicate_ratio,
                 config.max_mean_instruction_chars, config.max_mean_response_chars)),
@@ -51,16 +79,15 @@ STEP = Step("validate", __file__)
 
 def write_validate(config: ValidateConfig, cleaned: Path, out: Path) -> dict[str, Any]:
     """Write the validated rows, report.json and data_docs/; give back counts and the verdict."""
-    frame = pd.read_parquet(cleaned / "data.parquet")
     stats = json.loads((cleaned / "manifest.json").read_text(encoding="utf-8"))
-    report = check_clean_data(frame, stats, config, out / "data_docs")
+    report = check_clean_data(cleaned / "data.parquet", stats, config, out / "data_docs")
     try:
         os.link(cleaned / "data.parquet", out / "data.parquet")  # same bytes; a link saves the copy
     except OSError:
         shutil.copyfile(cleaned / "data.parquet", out / "data.parquet")
     (out / "report.json").write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
     return {
-        "rows": len(frame),
+        "rows": pq.ParquetFile(out / "data.parquet").metadata.num_rows,
         "passed": not report.blocking_failures,
         "failure": report.failure_message() if report.blocking_failures else "",
         "data_docs": "data_docs/index.html",
@@ -76,6 +103,6 @@ def validate(config: dict[str, Any], root: str, cleaned: ArtifactRef) -> Artifac
                               lambda out, inputs: write_validate(ValidateConfig(**config), inputs[0], out))
     manifest = ArtifactStore(root).manifest(ref.step, ref.key) or {}
     if not manifest.get("passed", False):
-        docs = Path(ref.uri) / "data_docs" / "index.html"
+        docs = ref.path / "data_docs" / "index.html"
         raise ValidationFailed(f"{manifest.get('failure', 'validation failed')}. Data Docs: {docs.as_uri()}")
     return finish_step(root, ref, built)

@@ -41,7 +41,7 @@ def prefect_api():
         yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared data folder {SHARED_DATA} is missing; clone the project beside ../shared")

@@ -58,6 +58,23 @@ def test_optional_script_filter_drops_mostly_non_latin_rows():
     assert kept["id"].tolist() == ["0"] and dropped["reason"].tolist() == ["other_script"]
 
 
+def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_ones():
+    frame = _frame([
+        {"instruction": "Give three tips for staying healthy.", "response": "Eat well, sleep enough and move daily."},
+        {"instruction": "Gib drei Tipps, um gesund zu bleiben.", "response": "Iss gut, schlafe genug und bewege dich."},
+        {"instruction": "Donne trois conseils pour rester en bonne santé.",
+         "response": "Mange bien, dors assez et bouge chaque jour."},
+        {"instruction": "Sort: 5 3 9 1", "response": "1 3 5 9"},  # no language to speak of: kept
+    ])
+    kept, dropped = clean_rows(frame, CleanConfig(language="en"))
+    assert kept["id"].tolist() == ["0", "3"]
+    assert dropped["reason"].tolist() == ["other_language"] * 2
+    assert [detail.split(" ")[0] for detail in dropped["detail"]] == ["de", "fr"]
+    assert len(clean_rows(frame, CleanConfig(language="en,de"))[0]) == 3
+    with pytest.raises(ValueError, match="clean.language: xx is not"):
+        CleanConfig(language="en,xx")
+
+
 def test_chat_template_renders_all_turns_and_targets_the_last_answer():
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Colour?"},

@@ -11,7 +11,7 @@ from tasks.ingest import IngestError, ingest_source, write_ingest
 from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer
 from tasks.template import apply_template, split_of
 from tasks.tokenize import fit_example, write_tokenize
-from tasks.validate import write_validate
+from tasks.validate import check_clean_data, write_validate
 
 
 def test_gpt2_tokenizer_is_the_real_bpe_offline():
@@ -141,6 +141,23 @@ def test_validate_blocks_on_duplicate_ids_and_names_the_expectation(tmp_path):
     warned = tmp_path / "warned"
     warned.mkdir()
     assert write_validate(ValidateConfig(warn_only=["expect_column_values_to_be_unique"]), clean, warned)["passed"]
+
+
+def test_validate_checks_batch_by_batch_with_the_verdict_of_the_whole_table(tmp_path):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rows = 50
+    instructions = ["x"] * rows
+    instructions[3] = instructions[41] = "z" * 5000  # too long, in the first and the last of five batches
+    ids = [str(i) for i in range(rows)]
+    ids[45] = "7"  # a duplicate id across batches: no single batch sees it
+    pd.DataFrame({"id": ids, "instruction": instructions, "input": [""] * rows, "response": ["y"] * rows,
+                  "source": ["s"] * rows, "category": ["c"] * rows}).to_parquet(clean / "data.parquet")
+    report = check_clean_data(clean / "data.parquet", {}, ValidateConfig(), tmp_path / "docs", rows_per_batch=10)
+    failed = {(o.expectation, o.column): o.observed for o in report.blocking_failures}
+    assert failed == {("expect_column_value_lengths_to_be_between", "instruction"): 2,
+                      ("expect_column_values_to_be_unique", "id"): 2}
+    assert len({(o.suite, o.expectation, o.column) for o in report.outcomes}) == len(report.outcomes)
 
 
 def test_split_is_stable_when_rows_are_added():

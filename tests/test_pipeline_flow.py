@@ -1,6 +1,8 @@
 """The whole flow on a real Prefect API (test harness): states, caching, reruns, failures."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,31 @@ def test_failure_names_the_step_and_the_cause(tmp_path):
     assert summary["error"].startswith("step 'ingest' failed")
     assert "missing.jsonl: no such file or folder" in summary["error"]
     assert "\n" not in summary["error"]
+
+
+def test_dask_runner_runs_batches_as_task_runs_of_the_flow_and_shares_the_local_runs_cache(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    overrides = tiny_overrides(tmp_path / "artifacts")
+    # no address: prefect-dask starts a local cluster of 2 worker processes for the step, and stops it after
+    on_dask = run_pipeline(load_config(overrides=[*overrides, "runner.kind=dask", "runner.workers=2"]), "clean")
+    assert _states(on_dask) == dict.fromkeys(STEPS[:2], "Completed"), on_dask.get("error")
+    of_the_run = FlowRunFilter(id=FlowRunFilterId(any_=[on_dask["flow_run_id"]]))
+    deadline = time.monotonic() + 10  # task states reach the API as events, possibly just after the flow returns
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=of_the_run)
+            batches = [(run.name, run.state_name) for run in runs if run.name.startswith("clean batch")]
+            if time.monotonic() > deadline or batches == [("clean batch 0", "Completed")]:
+                break
+            time.sleep(0.2)
+    assert batches == [("clean batch 0", "Completed")]
+    local = run_pipeline(load_config(overrides=overrides), "clean")
+    assert _states(local) == dict.fromkeys(STEPS[:2], "Cached")
+    assert local["steps"]["clean"]["artifact"] == on_dask["steps"]["clean"]["artifact"]
+    elsewhere = run_pipeline(load_config(overrides=tiny_overrides(tmp_path / "local-only")), "clean")
+    assert _states(elsewhere) == dict.fromkeys(STEPS[:2], "Completed")
+    built = [json.loads((Path(run["steps"]["clean"]["artifact"]) / "manifest.json").read_text())["files"]
+             for run in (on_dask, elsewhere)]
+    assert built[0] == built[1]  # the sha256 of every file: the batches came back through Prefect unchanged
