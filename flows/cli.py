@@ -153,7 +153,7 @@ def _metrics(refs: dict[str, Any]) -> dict[str, Any]:
     ref = refs.get("evaluate")
     if ref is None:
         return {}
-    manifest = json.loads((ref.path / "manifest.json").read_text(encoding="utf-8"))
+    manifest = ref.manifest()
     return manifest.get("metrics", {})
 
 

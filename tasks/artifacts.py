@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +62,10 @@ class ArtifactRef(BaseModel):
     def path(self) -> Path:
         """The artifact's folder on this machine (fetched from a shared root on first use)."""
         return local_folder(self.uri, self.step, self.key)
+
+    def manifest(self) -> dict[str, Any]:
+        """The artifact's manifest as written, not re-verified: a reference is handed out only for a verified one."""
+        return json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
 
 
 def canonical_json(value: Any) -> str:
@@ -118,7 +123,8 @@ def local_folder(uri: str, step: str, key: str) -> Path:
     if not is_url(uri):
         return Path(uri)
     store = ArtifactStore(uri.rstrip("/").rsplit("/", 2)[0])
-    store.manifest(step, key)  # fetches it into this machine's mirror if it is not there yet
+    if not (store.path(step, key) / MANIFEST).is_file():
+        store.manifest(step, key)  # fetches it into this machine's mirror
     return store.path(step, key)
 
 
@@ -206,7 +212,8 @@ class ArtifactStore:
         """
         final = self.path(step, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        sweep_abandoned(final.parent)
+        temp = final.parent / _temp_name(".tmp", key)
         temp.mkdir()
         try:
             yield temp
@@ -250,7 +257,7 @@ class ArtifactStore:
             return None
         final = self.path(step, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.parent / f".fetch-{key}-{uuid.uuid4().hex[:8]}"
+        temp = final.parent / _temp_name(".fetch", key)
         try:
             files = json.loads(text)["files"]
             for name in files:
@@ -320,6 +327,38 @@ def _intact_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return manifest if files_match(folder, files, sha256_file) else None
+
+
+def _temp_name(kind: str, key: str) -> str:
+    # the writer's pid and host in the name let a later run tell an abandoned temp folder from a live one
+    return f"{kind}-{key}-{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}"
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_abandoned(folder: Path) -> list[Path]:
+    """Remove temp folders whose writer on this host is gone (killed, out of memory); give back what went.
+
+    Temp folders of live writers and of other hosts are left alone: from here it cannot be told whether a
+    writer on another machine is still at work.
+    """
+    removed = []
+    host = socket.gethostname()
+    for temp in [*folder.glob(".tmp-*@*"), *folder.glob(".fetch-*@*")]:
+        name, _, temp_host = temp.name.partition("@")
+        pid = name.rsplit("-", 1)[-1]
+        if temp_host == host and pid.isdigit() and not _writer_alive(int(pid)):
+            shutil.rmtree(temp, ignore_errors=True)
+            removed.append(temp)
+    return removed
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -7,7 +7,6 @@ artifact is a cache miss and the step runs again, never a cached pointer to bad 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from tasks.artifacts import MANIFEST, ArtifactRef, ArtifactStore, Step, sha256_text
+from tasks.artifacts import ArtifactRef, ArtifactStore, Step, sha256_text
 
 
 def _record_key(root: str, ref: ArtifactRef) -> str:
@@ -92,7 +91,7 @@ def finish_step(root: str, ref: ArtifactRef, built: bool) -> ArtifactRef:
     context = TaskRunContext.get()
     if context is not None and context.result_store is not None:
         context.result_store.write(obj=ref, key=_record_key(root, ref))
-    manifest = json.loads((ref.path / MANIFEST).read_text(encoding="utf-8"))
+    manifest = ref.manifest()
     store = ArtifactStore(root)
     _publish_lineage(ref, store.uri_of(ref.step, ref.key),
                      [store.uri_of(entry["step"], entry["key"]) for entry in manifest.get("inputs", [])])

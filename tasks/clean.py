@@ -69,9 +69,9 @@ def _normalize_messages(text: str) -> str:
 
 def token_counts(texts: list[str], batch: int = 1000) -> list[int]:
     """Give back the GPT-2 token count of each text, tokenizing in batches."""
-    from tasks.modeling import gpt2_tokenizer
+    from tasks.modeling import gpt2_encoder
 
-    backend = gpt2_tokenizer().backend_tokenizer
+    backend = gpt2_encoder()
     counts: list[int] = []
     for start in range(0, len(texts), batch):
         # the Rust tokenizer without offsets, and len() of each encoding: no id lists are built just to be counted

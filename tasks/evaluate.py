@@ -11,6 +11,7 @@ before the registry (tasks/registry.py).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import math
 import re
@@ -84,7 +85,7 @@ def generate_answers(model: Any, prompts: list[str], config: EvalConfig, max_pro
     """Give back completions (text up to EOS, or max_new_tokens) for each prompt, per the eval config."""
     import torch
 
-    tokenizer = gpt2_tokenizer()
+    tokenizer = copy.deepcopy(gpt2_tokenizer())  # left padding for generation, without changing the shared one
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     settings: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.do_sample,
@@ -301,7 +302,7 @@ def promote(config: dict[str, Any], root: str, evaluated: ArtifactRef, finetuned
     from prefect.logging import get_run_logger
     from prefect.runtime import flow_run
 
-    manifest = json.loads((evaluated.path / "manifest.json").read_text(encoding="utf-8"))
+    manifest = evaluated.manifest()
     candidate = {"model_key": finetuned.key, "model_uri": finetuned.uri, "evaluate_key": evaluated.key,
                  "evaluate_uri": evaluated.uri, "metrics": headline_metrics(manifest["metrics"])}
     decision = Registry(root).consider(candidate, PromoteConfig(**config), flow_run.id)

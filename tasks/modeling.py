@@ -54,6 +54,22 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+@functools.lru_cache(maxsize=1)
+def gpt2_encoder() -> Any:
+    """Give back a Rust `tokenizers.Tokenizer` of GPT-2 of its own, for the data steps' batched encoding.
+
+    Not the backend of `gpt2_tokenizer()`: every transformers call with `truncation=`/`padding=` leaves those
+    settings on its backend, and an encoding that silently truncates (as it would after an evaluation in the
+    same process) would change a tokenize artifact's bytes.
+    """
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(gpt2_tokenizer().backend_tokenizer.to_str())
+    encoder.no_truncation()
+    encoder.no_padding()
+    return encoder
+
+
 def parse_scratch(name: str) -> tuple[int, int, int] | None:
     """Give back (layers, width, heads) for `scratch:<size>` names, None for other model names."""
     if not name.startswith("scratch:"):

@@ -26,10 +26,10 @@ from prefect import task
 
 from data_checks.gate import GateFailed, run_suites
 from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
-from tasks.artifacts import ArtifactRef, ArtifactStore, Step, sha256_text
+from tasks.artifacts import ArtifactRef, Step, sha256_text
 from tasks.caching import finish_step, step_task_options
 from tasks.config import RunnerConfig, TokenizeConfig
-from tasks.modeling import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_tokenizer
+from tasks.modeling import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 from tasks.runner import map_batches
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -68,7 +68,7 @@ def fit_lengths(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, max_
 def encode_flat(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Give back (every token id of every text, one flat int32 array; the token count of each text)."""
     # the Rust tokenizer directly, without offsets: transformers' wrapper would build per-row dicts and masks
-    encodings = gpt2_tokenizer().backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    encodings = gpt2_encoder().encode_batch_fast(texts, add_special_tokens=False)
     ids = [encoding.ids for encoding in encodings]
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
@@ -222,7 +222,7 @@ def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef, runner: 
     """
     ref, built = STEP.produce(config, root, [templated], lambda out, inputs: write_tokenize(
         TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
-    manifest = ArtifactStore(root).manifest(ref.step, ref.key) or {}
+    manifest = ref.manifest()
     if not manifest.get("passed", False):
         docs = ref.path / "data_docs" / "index.html"
         raise TokenizeGateFailed(f"{manifest.get('failure', 'tokenized data failed its checks')}. "

@@ -20,7 +20,7 @@ from prefect import task
 
 from data_checks.clean_suite import clean_ids_expectations, clean_rows_expectations, clean_summary_expectations
 from data_checks.gate import GateFailed, GateReport, run_suites
-from tasks.artifacts import ArtifactRef, ArtifactStore, Step
+from tasks.artifacts import ArtifactRef, Step
 from tasks.caching import finish_step, step_task_options
 from tasks.config import ValidateConfig
 
@@ -101,7 +101,7 @@ def validate(config: dict[str, Any], root: str, cleaned: ArtifactRef) -> Artifac
     """Prefect task: the validate artifact; raises ValidationFailed when a blocking check fails."""
     ref, built = STEP.produce(config, root, [cleaned],
                               lambda out, inputs: write_validate(ValidateConfig(**config), inputs[0], out))
-    manifest = ArtifactStore(root).manifest(ref.step, ref.key) or {}
+    manifest = ref.manifest()
     if not manifest.get("passed", False):
         docs = ref.path / "data_docs" / "index.html"
         raise ValidationFailed(f"{manifest.get('failure', 'validation failed')}. Data Docs: {docs.as_uri()}")

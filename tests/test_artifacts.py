@@ -71,3 +71,26 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path):
         step.produce({}, str(tmp_path / "root"), [], explode)
     leftovers = list((tmp_path / "root" / "demo").iterdir())
     assert leftovers == []
+
+
+def test_temp_folders_of_dead_writers_on_this_host_are_swept_and_live_ones_kept(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tasks.artifacts import sweep_abandoned
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    folders = {name: tmp_path / name for name in (
+        f".tmp-k1-aaaa0000-{dead.pid}@{host}", f".fetch-k2-bbbb0000-{dead.pid}@{host}",  # writer gone: swept
+        f".tmp-k3-cccc0000-{os.getpid()}@{host}",  # this process, alive: kept
+        f".tmp-k4-dddd0000-{dead.pid}@another-host",  # cannot tell from here: kept
+        ".checkpoints-k5")}  # fine-tune checkpoints are for resuming: kept
+    for folder in folders.values():
+        folder.mkdir()
+    removed = sweep_abandoned(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(list(folders)[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(list(folders)[2:])

@@ -110,6 +110,18 @@ def _templated(tmp_path, n, completion=" ok<|endoftext|>"):
     return folder
 
 
+def test_token_counts_are_untouched_by_an_earlier_truncating_tokenizer_call_in_the_same_process():
+    from tasks.clean import token_counts
+    from tasks.tokenize import encode_flat
+
+    text = "one two three four five six seven eight"
+    before = token_counts([text])
+    # what evaluate's batched generation does; transformers leaves these settings on its Rust backend
+    gpt2_tokenizer()([text, "a"], padding=True, truncation=True, max_length=2)
+    assert token_counts([text]) == before == [8]
+    assert encode_flat([text])[1].tolist() == [8]
+
+
 def test_packing_fills_blocks_and_keeps_example_boundaries(tmp_path):
     templated = _templated(tmp_path, 50)
     out = tmp_path / "tokenize"

@@ -128,6 +128,7 @@ def test_kill_9_in_any_step_then_rerun_completes_with_finished_steps_cached(tmp_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert states(rerun.stdout) == {**dict.fromkeys(finished, "Cached"), victim: "Completed"}
     assert artifact_problems(root) == []
+    assert not list((root / victim).glob(".tmp-*")), "the rerun should have removed the dead writer's temp folder"
     assert intact(root) == dict.fromkeys([*finished, victim], 1)
     published = Path(summary(rerun.stdout)["steps"][victim]["artifact"])
     assert published.parent == root / victim and not published.name.startswith(".")
