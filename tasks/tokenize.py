@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
@@ -103,54 +104,79 @@ def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBa
     ], schema=TOKENIZED_SCHEMA)
 
 
-def pack_examples(examples: list[dict[str, Any]], open_block: dict[str, Any] | None, max_length: int
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Give back (full blocks, the block still open) after adding examples in order to `open_block`."""
-    blocks = []
-    for example in examples:
-        n = len(example["input_ids"])
-        if open_block is not None and len(open_block["input_ids"]) + n > max_length:
-            blocks.append(open_block)
-            open_block = None
-        if open_block is None:
-            open_block = {"ids": [], "categories": set(), "input_ids": [], "labels": [],
-                          "position_ids": [], "truncated": False}
-        open_block["ids"].append(example["id"])
-        open_block["categories"].add(example["category"])
-        open_block["input_ids"] += example["input_ids"]
-        # each example starts with its prompt (label -100), so no target ever crosses an example boundary
-        open_block["labels"] += example["labels"]
-        open_block["position_ids"] += range(n)
-        open_block["truncated"] |= example["truncated"]
-    return blocks, open_block
+def _position_ids(lengths: np.ndarray) -> np.ndarray:
+    """Give back 0..n-1 for each length n, one after another."""
+    starts = np.cumsum(lengths) - lengths
+    return (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.int32)
 
 
-def _block_rows(blocks: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {
-        "id": ["pack-" + sha256_text(",".join(b["ids"]))[:16] for b in blocks],
-        "split": ["train"] * len(blocks),
-        "category": [next(iter(b["categories"])) if len(b["categories"]) == 1 else "mixed" for b in blocks],
-        "input_ids": [b["input_ids"] for b in blocks], "labels": [b["labels"] for b in blocks],
-        "length": [len(b["input_ids"]) for b in blocks],
-        "n_target": [sum(1 for x in b["labels"] if x != IGNORE_INDEX) for b in blocks],
-        "truncated": [b["truncated"] for b in blocks],
-        "position_ids": [b["position_ids"] for b in blocks], "n_examples": [len(b["ids"]) for b in blocks],
-    }
+def _with_positions(rows: pa.Table, position_ids: np.ndarray, lengths: np.ndarray, n_examples: np.ndarray
+                    ) -> pa.RecordBatch:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.RecordBatch.from_arrays(
+        [rows.column(name).combine_chunks() for name in TOKENIZED_SCHEMA.names]
+        + [pa.ListArray.from_arrays(offsets, pa.array(position_ids)), pa.array(n_examples.astype(np.int32))],
+        schema=PACKED_SCHEMA)
+
+
+def block_starts(lengths: np.ndarray, max_length: int) -> list[int]:
+    """Give back the first row of each block when rows are packed in order, greedily, up to max_length tokens."""
+    starts, used = [0] if len(lengths) else [], 0
+    for row, n in enumerate(lengths.tolist()):  # a running sum that restarts: inherently sequential, on ints only
+        if used and used + n > max_length:
+            starts.append(row)
+            used = 0
+        used += n
+    return starts
+
+
+def pack_rows(rows: pa.Table, max_length: int, close_last: bool) -> tuple[pa.RecordBatch, pa.Table]:
+    """Give back (the blocks packed from `rows` in order, the rows of the last block if it stays open).
+
+    A block concatenates whole examples; each example starts with its prompt (labels -100) and its own
+    position ids from 0, so no target crosses an example boundary. Built from Arrow offsets, not per row.
+    """
+    lengths = rows.column("length").to_numpy().astype(np.int64)
+    starts = block_starts(lengths, max_length)
+    closed = len(lengths) if close_last or not starts else starts[-1]
+    done, carry = rows.slice(0, closed), rows.slice(closed)
+    starts = [start for start in starts if start < closed]
+    row_lengths = lengths[:closed]
+    bounds = np.array([*starts, closed], dtype=np.int64)
+    token_bounds = np.concatenate([[0], np.cumsum(row_lengths)])[bounds].astype(np.int32)
+    flat = {name: pc.list_flatten(done.column(name)).combine_chunks() for name in ("input_ids", "labels")}
+    ids = done.column("id").to_pylist()
+    categories = done.column("category").to_pylist()
+    pieces = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+    block_lengths = np.diff(token_bounds)
+    n_target = np.add.reduceat(done.column("n_target").to_numpy(), bounds[:-1]) if pieces else np.array([], np.int32)
+    truncated = np.logical_or.reduceat(done.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
+                                       bounds[:-1]) if pieces else np.array([], bool)
+    offsets = pa.array(token_bounds - token_bounds[0] if len(token_bounds) else np.zeros(1, np.int32))
+    blocks = pa.RecordBatch.from_arrays([
+        pa.array(["pack-" + sha256_text(",".join(ids[a:b]))[:16] for a, b in pieces], pa.string()),
+        pa.array(["train"] * len(pieces), pa.string()),
+        pa.array([categories[a] if len(set(categories[a:b])) == 1 else "mixed" for a, b in pieces], pa.string()),
+        pa.ListArray.from_arrays(offsets, flat["input_ids"]), pa.ListArray.from_arrays(offsets, flat["labels"]),
+        pa.array(block_lengths.astype(np.int32)), pa.array(n_target.astype(np.int32)), pa.array(truncated),
+        pa.ListArray.from_arrays(offsets, pa.array(_position_ids(row_lengths))),
+        pa.array(np.diff(bounds).astype(np.int32)),
+    ], schema=PACKED_SCHEMA)
+    return blocks, carry
 
 
 def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: int) -> pa.RecordBatch:
-    """Give back val/test rows as they are plus the train blocks completed by this batch."""
-    split = tokenized.column("split").to_numpy(zero_copy_only=False)
-    train = tokenized.filter(pa.array(split == "train")).to_pylist()
-    blocks, state["open"] = pack_examples(train, state.get("open"), max_length)
-    state["examples"] = state.get("examples", 0) + len(train)
-    rest = tokenized.filter(pa.array(split != "train"))
-    lengths = rest.column("length").to_pylist()
-    kept = {name: rest.column(name).to_pylist() for name in TOKENIZED_SCHEMA.names}
-    kept["position_ids"] = [list(range(n)) for n in lengths]
-    kept["n_examples"] = [1] * len(lengths)
-    packed = _block_rows(blocks)
-    return pa.RecordBatch.from_pydict({k: kept[k] + packed[k] for k in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)
+    """Give back val/test rows as they are plus the train blocks completed by this batch (the open one carries)."""
+    is_train = pc.equal(tokenized.column("split"), "train")
+    train = pa.Table.from_batches([tokenized.filter(is_train)])
+    state["examples"] = state.get("examples", 0) + train.num_rows
+    blocks, state["carry"] = pack_rows(pa.concat_tables([state["carry"], train]) if "carry" in state else train,
+                                       max_length, close_last=False)
+    rest = pa.Table.from_batches([tokenized.filter(pc.invert(is_train))])
+    lengths = rest.column("length").to_numpy().astype(np.int64)
+    rest_rows = _with_positions(rest, _position_ids(lengths), lengths, np.ones(len(lengths), np.int32))
+    return pa.Table.from_batches([rest_rows, blocks]).combine_chunks().to_batches()[0] \
+        if rest_rows.num_rows + blocks.num_rows else blocks
 
 
 STEP = Step("tokenize", __file__)
@@ -184,8 +210,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
             if config.packing:
                 tokenized = _packed_batch(tokenized, state, config.max_length)
             writer.write_batch(tokenized)
-        if state.get("open") is not None:
-            writer.write_batch(pa.RecordBatch.from_pydict(_block_rows([state["open"]]), schema=PACKED_SCHEMA))
+        if state.get("carry") is not None and state["carry"].num_rows:
+            writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
     written = pq.read_table(out / "data.parquet", columns=["id", "split", "category", "length", "n_target",
                                                            "truncated"]).to_pandas()
     splits = written["split"].value_counts()

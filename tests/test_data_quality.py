@@ -141,6 +141,12 @@ def test_packing_fills_blocks_and_keeps_example_boundaries(tmp_path):
         assert block["input_ids"][start] == tokenizer.eos_token_id and block["labels"][start] == IGNORE_INDEX
     assert stats["packing_efficiency"] > 0.8
     assert stats["packing_efficiency"] == pytest.approx(train["length"].sum() / (len(train) * 64))
+    one_batch = tmp_path / "one-batch"
+    one_batch.mkdir()
+    write_tokenize(TokenizeConfig(max_length=64, batch_size=1000, packing=True), templated, one_batch)
+    # blocks left open at a batch's end carry into the next: the blocks do not depend on the batch size
+    whole = pq.read_table(one_batch / "data.parquet").to_pandas()
+    assert whole[whole["split"] == "train"].reset_index(drop=True).equals(train.reset_index(drop=True))
 
 
 def test_tokenize_gate_blocks_rows_without_target_tokens(tmp_path):
