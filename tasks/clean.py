@@ -39,6 +39,9 @@ _SPACE_RUNS = re.compile(r"[\t\r\f\v][ \t\r\f\v]*| [ \t\r\f\v]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _LINE_EDGES = re.compile(" ?\n ?")
 _NON_WORD = re.compile(r"\W+")
+# GPT-2's one special token, which the template writes as text; in the data it would end a sequence early
+END_OF_TEXT = "<|endoftext|>"
+_TRAILING_END_OF_TEXT = re.compile(r"(?:\s*<\|endoftext\|>)+\s*\Z")
 
 
 def normalize_text(text: str) -> str:
@@ -111,9 +114,10 @@ def language_codes() -> set[str]:
     return set(_language_identifier().nb_classes)
 
 
-def identify_language(text: str) -> tuple[str, float]:
+def identify_language(text: str, sample_chars: int = 1000) -> tuple[str, float]:
     """Give back (ISO 639-1 code, probability) from py3langid's model, which ships inside the package."""
-    language, confidence = _language_identifier().classify(text)
+    # the first thousand characters name the language as surely as a whole article, at a fraction of the cost
+    language, confidence = _language_identifier().classify(text[:sample_chars])
     return str(language), float(confidence)
 
 
@@ -287,6 +291,8 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
     frame = frame.copy().reset_index(drop=True)
     for field in TEXT_FIELDS:
         frame[field] = frame[field].map(normalize_text)
+    # prompt/completion sets often end each completion with the marker (T0 does): the template adds its own
+    frame["response"] = frame["response"].str.replace(_TRAILING_END_OF_TEXT, "", regex=True)
     if "messages" in frame:
         frame["messages"] = frame["messages"].map(_normalize_messages)
     reason = pd.Series("", index=frame.index, dtype=object)
@@ -297,6 +303,9 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
         reason[fresh] = why
         detail[fresh] = details[fresh] if isinstance(details, pd.Series) else details
 
+    for field in TEXT_FIELDS:
+        mark(frame[field].str.contains(END_OF_TEXT, regex=False), "end_of_text_in_text",
+             f"{field} holds {END_OF_TEXT}, which would end the training sequence there")
     min_chars = max(config.min_chars, 1)
     chars = {field: frame[field].str.len() for field in TEXT_FIELDS}
     mark(chars["instruction"] < min_chars, "empty_instruction")

@@ -58,6 +58,19 @@ def test_optional_script_filter_drops_mostly_non_latin_rows():
     assert kept["id"].tolist() == ["0"] and dropped["reason"].tolist() == ["other_script"]
 
 
+def test_end_of_text_markers_are_stripped_from_response_ends_and_quarantined_elsewhere():
+    frame = _frame([
+        {"instruction": "Is it positive?", "response": "positive<|endoftext|>"},  # as every T0 completion ends
+        {"instruction": "Say no", "response": "no <|endoftext|><|endoftext|>\n"},
+        {"instruction": "Two <|endoftext|> parts", "response": "ok"},
+        {"instruction": "Nothing", "response": "<|endoftext|>"},
+    ])
+    kept, dropped = clean_rows(frame, CleanConfig())
+    assert kept["response"].tolist() == ["positive", "no"]
+    assert dropped["reason"].tolist() == ["end_of_text_in_text", "empty_response"]
+    assert dropped["detail"].iloc[0].startswith("instruction holds <|endoftext|>")
+
+
 def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_ones():
     frame = _frame([
         {"instruction": "Give three tips for staying healthy.", "response": "Eat well, sleep enough and move daily."},

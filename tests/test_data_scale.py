@@ -62,7 +62,7 @@ def test_token_count_bounds_hold_so_untokenized_rows_are_decided_correctly():
 
 def test_token_limits_give_the_same_reasons_as_counting_every_row():
     rng = random.Random(1)
-    words = ["alpha", "beta", "x", "!!", "日本", "1234", "naïve", "<|endoftext|>"]
+    words = ["alpha", "beta", "x", "!!", "日本", "1234", "naïve", "<|user|>"]
     rows = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(1, 60))),
              "response": " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))} for _ in range(300)]
     frame = pd.DataFrame([{"id": str(i), "input": "", "source": "s", "category": "c", "messages": "", **r}
