@@ -319,14 +319,20 @@ class ArtifactStore:
                 raise
 
 
-def _intact_manifest(folder: Path) -> dict[str, Any] | None:
-    """Give back the manifest in `folder` if it parses and every file it lists matches its sha256."""
+def verified_listing(listing: Path, describe: Callable[[Path], Any]) -> dict[str, Any] | None:
+    """Give back the JSON at `listing` if it parses and `describe` of every file in its "files" (paths relative
+    to the listing's folder) equals the value listed; None otherwise."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
+        data = json.loads(listing.read_text(encoding="utf-8"))
+        files = data["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return manifest if files_match(folder, files, sha256_file) else None
+    return data if files_match(listing.parent, files, describe) else None
+
+
+def _intact_manifest(folder: Path) -> dict[str, Any] | None:
+    """Give back the manifest in `folder` if every file it lists matches its sha256."""
+    return verified_listing(folder / MANIFEST, sha256_file)
 
 
 def _temp_name(kind: str, key: str) -> str:

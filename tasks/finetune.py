@@ -27,8 +27,8 @@ from tasks.artifacts import (
     ArtifactStore,
     Step,
     canonical_json,
-    files_match,
     sha256_text,
+    verified_listing,
     write_text_atomically,
 )
 from tasks.caching import finish_step, step_task_options
@@ -124,12 +124,7 @@ def mark_checkpoint_complete(folder: Path, fingerprint: str, step: int, final: b
 
 
 def _read_mark(folder: Path) -> dict[str, Any] | None:
-    try:
-        mark = json.loads((folder / CHECKPOINT_MARK).read_text(encoding="utf-8"))
-        files = mark["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return mark if files_match(folder, files, lambda file: file.stat().st_size) else None
+    return verified_listing(folder / CHECKPOINT_MARK, lambda file: file.stat().st_size)
 
 
 def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:

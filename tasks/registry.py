@@ -10,7 +10,6 @@ no torch, so the CLI reads it in a blink.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -134,12 +133,10 @@ class Registry:
 
     def _pull(self) -> None:
         """With a shared root, bring this machine's copy of the registry up to date with the shared one."""
-        shared = self.store.shared
-        if shared is not None and shared.read_text(REGISTRY_DIR, REGISTRY_FILE) is not None:
+        text = self.store.shared.read_text(REGISTRY_DIR, REGISTRY_FILE) if self.store.shared else None
+        if text is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fetched = self.folder / f".{REGISTRY_FILE}.fetched"
-            shared.download([REGISTRY_DIR, REGISTRY_FILE], fetched)
-            os.replace(fetched, self.file)
+            write_text_atomically(self.file, text)
 
     def load(self) -> dict[str, Any]:
         """Give back the registry (an empty one if none was written yet); reads need no lock."""

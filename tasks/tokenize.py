@@ -94,7 +94,7 @@ def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBa
     input_ids = np.concatenate([prompt_ids, completion_ids])[take]
     labels = np.concatenate([np.full(len(prompt_ids), IGNORE_INDEX, np.int32), completion_ids])[take]
     lengths = (head + tail + kept).astype(np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    offsets = _offsets(lengths)
     return pa.RecordBatch.from_arrays([
         batch.column("id"), batch.column("split"), batch.column("category"),
         pa.ListArray.from_arrays(offsets, pa.array(input_ids)),
@@ -104,18 +104,22 @@ def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBa
     ], schema=TOKENIZED_SCHEMA)
 
 
+def _offsets(lengths: np.ndarray) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
 def _position_ids(lengths: np.ndarray) -> np.ndarray:
     """Give back 0..n-1 for each length n, one after another."""
-    starts = np.cumsum(lengths) - lengths
-    return (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.int32)
+    return _segment_indices(np.zeros(len(lengths), np.int64), lengths).astype(np.int32)
 
 
-def _with_positions(rows: pa.Table, position_ids: np.ndarray, lengths: np.ndarray, n_examples: np.ndarray
-                    ) -> pa.RecordBatch:
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+def _single_example_rows(rows: pa.Table) -> pa.RecordBatch:
+    """Give back tokenized rows in the packed schema, each an example of its own (evaluation rows)."""
+    lengths = rows.column("length").to_numpy().astype(np.int64)
     return pa.RecordBatch.from_arrays(
         [rows.column(name).combine_chunks() for name in TOKENIZED_SCHEMA.names]
-        + [pa.ListArray.from_arrays(offsets, pa.array(position_ids)), pa.array(n_examples.astype(np.int32))],
+        + [pa.ListArray.from_arrays(_offsets(lengths), pa.array(_position_ids(lengths))),
+           pa.array(np.ones(len(lengths), np.int32))],
         schema=PACKED_SCHEMA)
 
 
@@ -172,9 +176,7 @@ def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: 
     state["examples"] = state.get("examples", 0) + train.num_rows
     blocks, state["carry"] = pack_rows(pa.concat_tables([state["carry"], train]) if "carry" in state else train,
                                        max_length, close_last=False)
-    rest = pa.Table.from_batches([tokenized.filter(pc.invert(is_train))])
-    lengths = rest.column("length").to_numpy().astype(np.int64)
-    rest_rows = _with_positions(rest, _position_ids(lengths), lengths, np.ones(len(lengths), np.int32))
+    rest_rows = _single_example_rows(pa.Table.from_batches([tokenized.filter(pc.invert(is_train))]))
     return pa.Table.from_batches([rest_rows, blocks]).combine_chunks().to_batches()[0] \
         if rest_rows.num_rows + blocks.num_rows else blocks
 
