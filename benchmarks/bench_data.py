@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from benchmarks._results import write_results  # noqa: E402
+from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig  # noqa: E402
 from tasks.clean import write_clean  # noqa: E402
-from tasks.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig  # noqa: E402
 from tasks.ingest import write_ingest  # noqa: E402
-from tasks.modeling import gpt2_encoder, gpt2_tokenizer  # noqa: E402
 from tasks.template import write_template  # noqa: E402
 from tasks.tokenize import TOKENIZED_SCHEMA, _packed_batch, fit_example, tokenize_batch, write_tokenize  # noqa: E402
 from tasks.validate import write_validate  # noqa: E402
+from toolkit.tokenizer import gpt2_encoder, gpt2_tokenizer  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "self-instruct" / "t0_train_50k"
 COMMAND = "python benchmarks/bench_data.py --write"

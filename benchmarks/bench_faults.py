@@ -36,12 +36,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._results import write_results  # noqa: E402
-from tasks.artifacts import MANIFEST, ArtifactStore  # noqa: E402
-from tasks.config import STEPS  # noqa: E402
+from catalog.config import STEPS  # noqa: E402
+from catalog.store import MANIFEST, ArtifactStore  # noqa: E402
 from tasks.finetune import CHECKPOINT_MARK  # noqa: E402
 
 COMMAND = "python benchmarks/bench_faults.py --trials 20 --write"
-ITUNE = [sys.executable, "-m", "flows.cli"]
+ITUNE = [sys.executable, "-m", "commands.app"]
 # A checkpoint every 2 of 16 steps, so most kills land between checkpoints; save_steps is a multiple of
 # logging_steps so that a resumed run logs its loss over the same windows as an uninterrupted one.
 SETTINGS: dict[str, Any] = {
@@ -361,7 +361,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     # A private Prefect home and one API for all runs: each `itune run` would otherwise start its own.
     os.environ["PREFECT_HOME"] = str(work / "prefect-home")
-    from flows.local_api import LocalPrefectAPI
+    from commands.local_api import LocalPrefectAPI
 
     api = LocalPrefectAPI()
     api.wait_ready()

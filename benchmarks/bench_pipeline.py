@@ -29,9 +29,9 @@ SETTINGS = ["data.builtin_examples=300", "train.max_steps=4", "train.batch_size=
 
 def plain_script(root: Path) -> dict[str, float]:
     """Run the seven work functions with no Prefect; give back each step's seconds."""
+    from catalog.config import load_config
     from tasks.clean import STEP as CLEAN
     from tasks.clean import write_clean
-    from tasks.config import load_config
     from tasks.evaluate import STEP as EVALUATE
     from tasks.evaluate import write_evaluate_artifact
     from tasks.finetune import STEP as FINETUNE
@@ -73,8 +73,8 @@ def prefect_flow(root: Path) -> tuple[float, dict[str, float]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from catalog.config import STEPS, load_config
     from flows.pipeline import pipeline
-    from tasks.config import STEPS, load_config
 
     cfg = load_config(overrides=[*SETTINGS, f"artifacts.root={root}"])
     started = time.perf_counter()
@@ -93,7 +93,7 @@ def prefect_flow(root: Path) -> tuple[float, dict[str, float]]:
 
 
 def cli_wall(root: Path, extra: list[str], home: Path) -> float:
-    args = [sys.executable, "-m", "flows.cli", "run", "--json"]
+    args = [sys.executable, "-m", "commands.app", "run", "--json"]
     for item in [*SETTINGS, f"artifacts.root={root}", *extra]:
         args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -104,7 +104,7 @@ def cli_wall(root: Path, extra: list[str], home: Path) -> float:
 
 
 def main() -> None:
-    from flows.local_api import LocalPrefectAPI
+    from commands.local_api import LocalPrefectAPI
 
     work = Path(tempfile.mkdtemp(prefix="itune-bench-"))
     api = LocalPrefectAPI()

@@ -25,11 +25,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._results import write_results  # noqa: E402
 from benchmarks.bench_data import DEFAULT_SOURCE, run_step  # noqa: E402
+from catalog.config import CleanConfig, RunnerConfig, TemplateConfig, TokenizeConfig  # noqa: E402
 from tasks.clean import write_clean  # noqa: E402
-from tasks.config import CleanConfig, RunnerConfig, TemplateConfig, TokenizeConfig  # noqa: E402
-from tasks.modeling import gpt2_encoder  # noqa: E402
 from tasks.template import write_template  # noqa: E402
 from tasks.tokenize import write_tokenize  # noqa: E402
+from toolkit.tokenizer import gpt2_encoder  # noqa: E402
 
 STEPS = {
     "clean": ("ingest", lambda runner, src, out: write_clean(CleanConfig(), src, out, runner=runner)),

@@ -41,8 +41,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._results import write_results  # noqa: E402
-from tasks.clean import write_clean  # noqa: E402
-from tasks.config import (  # noqa: E402
+from catalog.config import (  # noqa: E402
     CleanConfig,
     DataConfig,
     ModelConfig,
@@ -52,12 +51,14 @@ from tasks.config import (  # noqa: E402
     TrainConfig,
     ValidateConfig,
 )
+from tasks.clean import write_clean  # noqa: E402
 from tasks.finetune import write_finetune  # noqa: E402
 from tasks.ingest import write_ingest  # noqa: E402
-from tasks.modeling import IGNORE_INDEX, count_parameters, gpt2_tokenizer, load_base_model  # noqa: E402
 from tasks.template import write_template  # noqa: E402
 from tasks.tokenize import write_tokenize  # noqa: E402
 from tasks.validate import write_validate  # noqa: E402
+from toolkit.modeling import count_parameters, load_base_model  # noqa: E402
+from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "self-instruct" / "t0_train_50k"
 COMMAND = "python benchmarks/bench_train.py --write"
@@ -153,7 +154,7 @@ def step_costs(model_config: ModelConfig, batch_size: int, max_length: int, seed
     """
     import torch
 
-    from tasks.modeling import response_token_loss
+    from toolkit.modeling import response_token_loss
 
     torch.manual_seed(seed)
     model = load_base_model(model_config.name, model_config.init_seed)

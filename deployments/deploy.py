@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from tasks.artifacts import absolute_root
-from tasks.config import PipelineConfig
+from catalog.config import PipelineConfig
+from catalog.store import absolute_root
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FLOW = "itune-pipeline"
@@ -100,7 +100,7 @@ def main() -> None:
         print(f"deployed {deploy_finetune(args.pool, pool_type=args.type)}; "
               f"start a worker with: prefect worker start --pool {args.pool}")
         return
-    from tasks.config import load_config
+    from catalog.config import load_config
 
     done = deploy_all(load_config(args.config, args.overrides), pool_type=args.type)
     for name, deployment in done["deployments"].items():

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.states import Completed
 
-from tasks.artifacts import ArtifactRef, ArtifactStore
+from catalog.store import ArtifactRef, ArtifactStore
 from tasks.finetune import finetune as finetune_step
 
 FLOW_NAME = "itune-finetune"

@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import flow
 
+from catalog.config import STEPS, with_overrides
+from catalog.store import ArtifactRef
 from flows.finetune_flow import finetune as finetune_on_pool
-from tasks.artifacts import ArtifactRef
 from tasks.clean import clean
-from tasks.config import STEPS, with_overrides
 from tasks.evaluate import evaluate, promote
 from tasks.finetune import finetune
 from tasks.ingest import ingest

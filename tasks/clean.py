@@ -8,7 +8,6 @@ the row, a reason code and a detail.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import html
 import json
@@ -25,10 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, Step
-from tasks.caching import finish_step, step_task_options
-from tasks.config import CleanConfig, RunnerConfig
-from tasks.runner import map_batches
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.sections import CleanConfig, RunnerConfig
+from catalog.step import Step
+from catalog.store import ArtifactRef
+from toolkit.language import identify_language, latin_share
+from toolkit.runner import map_batches
 
 TEXT_FIELDS = ("instruction", "input", "response")
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -72,7 +74,7 @@ def _normalize_messages(text: str) -> str:
 
 def token_counts(texts: list[str], batch: int = 1000) -> list[int]:
     """Give back the GPT-2 token count of each text, tokenizing in batches."""
-    from tasks.modeling import gpt2_encoder
+    from toolkit.tokenizer import gpt2_encoder
 
     backend = gpt2_encoder()
     counts: list[int] = []
@@ -91,34 +93,6 @@ def token_count_bounds(texts: pd.Series) -> tuple[pd.Series, pd.Series]:
     """
     words = texts.map(lambda text: len(text.split()))
     return words, texts.str.encode("utf-8").str.len()
-
-
-def latin_share(text: str) -> float:
-    """Give back the share of letters in Latin script (1.0 for text without letters)."""
-    letters = [ch for ch in text if ch.isalpha()]
-    if not letters:
-        return 1.0
-    latin = sum(1 for ch in letters if ch < "\u0250" or "\u1e00" <= ch <= "\u1eff")
-    return latin / len(letters)
-
-
-@functools.cache
-def _language_identifier() -> Any:
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-
-
-def language_codes() -> set[str]:
-    """The ISO 639-1 codes the language identifier can name."""
-    return set(_language_identifier().nb_classes)
-
-
-def identify_language(text: str, sample_chars: int = 1000) -> tuple[str, float]:
-    """Give back (ISO 639-1 code, probability) from py3langid's model, which ships inside the package."""
-    # the first thousand characters name the language as surely as a whole article, at a fraction of the cost
-    language, confidence = _language_identifier().classify(text[:sample_chars])
-    return str(language), float(confidence)
 
 
 def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -439,7 +413,7 @@ def _mark_token_bounds(frame: pd.DataFrame, reason: pd.Series, mark: Any, config
          counts["response"].map(lambda n: f"{n} tokens < {least}"))
 
 
-STEP = Step("clean", __file__)
+STEP = Step("clean", __name__, libraries=("pyarrow", "numpy", "tokenizers", "py3langid"))
 
 
 def check_batch(batch: pa.RecordBatch, config: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -456,7 +430,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     order; the second splits the staged rows into kept and dropped once the duplicates are known.
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
-    source = pq.ParquetFile(ingested / "data.parquet", pre_buffer=False)
+    source = pq.ParquetFile(layout.data_file(ingested), pre_buffer=False)
     schema = source.schema_arrow.remove_metadata()
     staged_schema = schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
     staging = out / ".checked.parquet"
@@ -471,8 +445,8 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     kept = 0
     dropped: dict[str, int] = {}
     staged = pq.ParquetFile(staging, pre_buffer=False)
-    with pq.ParquetWriter(out / "data.parquet", schema) as keep, \
-            pq.ParquetWriter(out / "quarantine.parquet", staged_schema) as drop:
+    with pq.ParquetWriter(layout.data_file(out), schema) as keep, \
+            pq.ParquetWriter(layout.quarantine_file(out), staged_schema) as drop:
         offset = 0
         for batch in staged.iter_batches(batch_size=batch_rows):
             table = pa.Table.from_batches([batch])
@@ -489,7 +463,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
             for why, count in checked["reason"][checked["reason"] != ""].value_counts().items():
                 dropped[why] = dropped.get(why, 0) + int(count)
     staging.unlink()
-    upstream = pq.ParquetFile(ingested / "quarantine.parquet").metadata.num_rows
+    upstream = pq.ParquetFile(layout.quarantine_file(ingested)).metadata.num_rows
     removed = sum(dropped.values())
     total = kept + removed + upstream
     duplicates_dropped = dropped.get("exact_duplicate", 0) + dropped.get("near_duplicate", 0)

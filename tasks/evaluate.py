@@ -5,7 +5,7 @@ also over full sequences (prompt + response), labelled as such. Task accuracy: g
 test instructions, scored by exact match (normalised) where answers are checkable, by ROUGE-L
 otherwise, per category. The artifact holds metrics.json, samples.parquet, report.md and
 loss_curve.png; the task also publishes them as Prefect artifacts. `promote` then puts the model
-before the registry (tasks/registry.py).
+before the registry (toolkit/registry.py).
 """
 
 from __future__ import annotations
@@ -23,16 +23,20 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import ArtifactRef, Step
-from tasks.caching import finish_step, step_task_options
-from tasks.config import EvalConfig, PromoteConfig
-from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer, load_base_model
-from tasks.registry import METRIC_LABELS, Registry, headline_metrics, upstream_config
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.lineage import upstream_config
+from catalog.step import Step
+from catalog.store import ArtifactRef
+from catalog.training_sections import EvalConfig, PromoteConfig
+from toolkit.modeling import load_base_model
+from toolkit.registry import METRIC_LABELS, Registry, headline_metrics
+from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 _SPACES = re.compile(r"\s+")
 # positions per LM-head call: 2,048 x 50,257 fp32 logits are ~400 MB, the most evaluation ever holds
 _HEAD_CHUNK = 2048
-REPORT, CURVE, SAMPLES, METRICS = "report.md", "loss_curve.png", "samples.parquet", "metrics.json"
+REPORT, CURVE, SAMPLES, METRICS = layout.REPORT, layout.LOSS_CURVE, layout.SAMPLES, layout.METRICS
 
 
 def normalize_answer(text: str) -> str:
@@ -152,7 +156,7 @@ def evaluate_model(model: Any, tokenized: pd.DataFrame, test_prompts: pd.DataFra
     return figures, scored
 
 
-STEP = Step("evaluate", __file__)
+STEP = Step("evaluate", __name__, libraries=("torch", "transformers", "tokenizers", "rouge-score"))
 
 
 def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetuned: Path) -> tuple[
@@ -160,17 +164,17 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
     """Evaluate base and tuned models on the same examples; give back (samples frame, metrics)."""
     from transformers import AutoModelForCausalLM
 
-    finetune_manifest = json.loads((finetuned / "manifest.json").read_text(encoding="utf-8"))
-    model_config = finetune_manifest["config"]["model"]
-    tokens = pq.read_table(tokenized / "data.parquet", columns=["split", "input_ids", "labels"]).to_pandas()
+    finetune_manifest = layout.read_manifest(finetuned)
+    model_config = layout.trained_model_config(finetuned)
+    tokens = pq.read_table(layout.data_file(tokenized), columns=["split", "input_ids", "labels"]).to_pandas()
     tokens = tokens[tokens["split"] != "train"]
-    prompts = pd.read_parquet(templated / "data.parquet", columns=["split", "category", "prompt", "response",
+    prompts = pd.read_parquet(layout.data_file(templated), columns=["split", "category", "prompt", "response",
                                                                      "instruction", "input"])
     prompts["category"] = prompts["category"].fillna("").astype(str)
     test = prompts[prompts["split"] == "test"].head(config.max_examples).reset_index(drop=True)
     source = (upstream_config(templated, "ingest") or {}).get("source", "")
     scoring = category_scoring(prompts, config, checkable=str(source).startswith("builtin:"))
-    tuned = AutoModelForCausalLM.from_pretrained(finetuned / "model", local_files_only=True)
+    tuned = AutoModelForCausalLM.from_pretrained(layout.model_dir(finetuned), local_files_only=True)
     base = load_base_model(model_config["name"], model_config["init_seed"], model_config.get("dropout", 0.0),
                            hub_token_secret=model_config.get("hub_token_secret"))
     max_prompt_tokens = tuned.config.n_positions - config.max_new_tokens
@@ -259,7 +263,7 @@ def write_evaluate_artifact(config: EvalConfig, inputs: list[Path], out: Path) -
     samples, metrics = write_evaluate(config, *inputs)
     samples.to_parquet(out / SAMPLES, index=False)
     (out / METRICS).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_loss_curve(inputs[2] / "training_log.jsonl", metrics, out / CURVE)
+    plot_loss_curve(layout.training_log(inputs[2]), metrics, out / CURVE)
     (out / REPORT).write_text(report_markdown(metrics, samples, config.report_samples), encoding="utf-8")
     return {"rows": len(samples), "metrics": metrics}
 

@@ -22,28 +22,15 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import (
-    ArtifactRef,
-    ArtifactStore,
-    Step,
-    canonical_json,
-    sha256_text,
-    verified_listing,
-    write_text_atomically,
-)
-from tasks.caching import finish_step, step_task_options
-from tasks.config import ModelConfig, TrainConfig
-from tasks.modeling import (
-    IGNORE_INDEX,
-    count_parameters,
-    gpt2_tokenizer,
-    load_base_model,
-    pad_batch,
-    response_token_loss,
-)
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.keys import canonical_json, sha256_text
+from catalog.step import Step
+from catalog.store import ArtifactRef, ArtifactStore, verified_listing, write_text_atomically
+from catalog.training_sections import ModelConfig, TrainConfig
+from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
+from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
-MODEL_DIR = "model"
-TRAINING_LOG = "training_log.jsonl"
 CHECKPOINT_MARK = "itune-checkpoint.json"
 # Settings that change what is trained; the others (logging, checkpoint cadence, pool, time budget)
 # can differ between a crashed run and its resume without changing the result.
@@ -332,9 +319,9 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     seconds = time.perf_counter() - started
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     if trainer.is_world_process_zero():
-        model.save_pretrained(out / MODEL_DIR)
-        tokenizer.save_pretrained(out / MODEL_DIR)
-        with open(out / TRAINING_LOG, "w", encoding="utf-8") as handle:
+        model.save_pretrained(layout.model_dir(out))
+        tokenizer.save_pretrained(layout.model_dir(out))
+        with open(layout.training_log(out), "w", encoding="utf-8") as handle:
             for entry in history:
                 handle.write(json.dumps(entry) + "\n")
     final_loss = history[-1]["loss"] if history else float(result.training_loss)
@@ -352,7 +339,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     }
 
 
-STEP = Step("finetune", __file__)
+STEP = Step("finetune", __name__, libraries=("torch", "transformers", "accelerate", "safetensors"))
 
 
 def checkpoint_dir_for(config: dict[str, Any], root: str, tokenized: ArtifactRef) -> Path:
@@ -364,9 +351,9 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
                    checkpoint_dir: Path | None = None, data_fingerprint: str | None = None,
                    callbacks: list[Any] = ()) -> dict[str, Any]:
     """Train on the train split of a tokenize artifact; give back the figures for the manifest."""
-    names = pq.read_schema(tokenized / "data.parquet").names
+    names = pq.read_schema(layout.data_file(tokenized)).names
     columns = ["split", "input_ids", "labels"] + (["position_ids"] if "position_ids" in names else [])
-    table = pq.read_table(tokenized / "data.parquet", columns=columns)
+    table = pq.read_table(layout.data_file(tokenized), columns=columns)
     rows = [r for r in table.to_pylist() if r["split"] == "train"]
     if not rows:
         raise ValueError(f"{tokenized}: the train split is empty; lower template.val_fraction/test_fraction")

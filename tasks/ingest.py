@@ -27,10 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks import builtin_tasks
-from tasks.artifacts import ArtifactRef, Step, canonical_json, sha256_file, sha256_text
-from tasks.caching import finish_step, step_task_options
-from tasks.config import DataConfig, SourceSpec
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.keys import canonical_json, sha256_text
+from catalog.sections import DataConfig, SourceSpec
+from catalog.step import Step
+from catalog.store import ArtifactRef, sha256_file
+from toolkit import builtin_tasks
 
 CANONICAL_COLUMNS = ["id", "instruction", "input", "response", "source", "category", "messages"]
 DATA_SCHEMA = pa.schema([(column, pa.string()) for column in CANONICAL_COLUMNS])
@@ -519,7 +522,7 @@ def source_fingerprint(config: dict[str, Any]) -> str:
 
 def _one_fingerprint(source: str) -> str:
     if source == BUILTIN:
-        return builtin_tasks.GENERATOR_VERSION + ":" + sha256_file(Path(builtin_tasks.__file__))[:12]
+        return builtin_tasks.GENERATOR_VERSION  # the generator's code is in ingest's code version
     local = Path(source[len(HUB):] if source.startswith(HUB) else source).expanduser()
     if source.startswith(HUB) and not local.exists():
         return "hub:" + source  # a Hub dataset's revision cannot be asked for offline; the id stands in
@@ -531,7 +534,7 @@ def _one_fingerprint(source: str) -> str:
     return sha256_text(canonical_json([[str(f), sha256_file(f)] for f in files]))
 
 
-STEP = Step("ingest", __file__, fingerprint=source_fingerprint)
+STEP = Step("ingest", __name__, libraries=("pyarrow", "pandas", "datasets"), fingerprint=source_fingerprint)
 
 
 def write_ingest(config: DataConfig, out: Path) -> dict[str, Any]:
@@ -539,7 +542,7 @@ def write_ingest(config: DataConfig, out: Path) -> dict[str, Any]:
     quarantine: list[dict[str, Any]] = []
     per_source: list[dict[str, Any]] = []
     rows = 0
-    with pq.ParquetWriter(out / "data.parquet", DATA_SCHEMA) as writer:
+    with pq.ParquetWriter(layout.data_file(out), DATA_SCHEMA) as writer:
         for batch in _ingest_batches(config, quarantine, per_source):
             writer.write_batch(batch)
             rows += batch.num_rows
@@ -551,7 +554,7 @@ def write_ingest(config: DataConfig, out: Path) -> dict[str, Any]:
             first = f"; first: {q['file']}: row {q['row']}: {q['field'] + ': ' if q['field'] else ''}{q['reason']}"
         raise IngestError(f"{config.source if not config.sources else 'data.sources'}: no usable rows "
                           f"({len(rejected)} quarantined{first})")
-    rejected.to_parquet(out / "quarantine.parquet", index=False)
+    rejected.to_parquet(layout.quarantine_file(out), index=False)
     return {"rows": rows, "quarantined": len(rejected),
             "quarantined_by_code": rejected["code"].value_counts().to_dict(), "sources": per_source}
 

@@ -18,10 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.artifacts import ArtifactRef, Step
-from tasks.caching import finish_step, step_task_options
-from tasks.config import RunnerConfig, TemplateConfig
-from tasks.runner import map_batches
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.sections import RunnerConfig, TemplateConfig
+from catalog.step import Step
+from catalog.store import ArtifactRef
+from toolkit.runner import map_batches
 
 BOS = EOS = "<|endoftext|>"
 
@@ -99,7 +101,7 @@ def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
     })
 
 
-STEP = Step("template", __file__)
+STEP = Step("template", __name__, libraries=("pyarrow", "pandas"))
 
 
 TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
@@ -116,8 +118,8 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     """Render the validated rows in Arrow batches into data.parquet; give back counts per split."""
     splits: dict[str, int] = {}
     rows = 0
-    batches = pq.ParquetFile(validated / "data.parquet", pre_buffer=False).iter_batches(batch_size=batch_rows)
-    with pq.ParquetWriter(out / "data.parquet", TEMPLATED_SCHEMA) as writer:
+    batches = pq.ParquetFile(layout.data_file(validated), pre_buffer=False).iter_batches(batch_size=batch_rows)
+    with pq.ParquetWriter(layout.data_file(out), TEMPLATED_SCHEMA) as writer:
         for templated in map_batches(template_batch, batches, config, runner=runner, step="template"):
             writer.write_table(templated)
             rows += templated.num_rows

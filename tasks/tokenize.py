@@ -25,13 +25,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.keys import sha256_text
+from catalog.sections import RunnerConfig, TokenizeConfig
+from catalog.step import Step
+from catalog.store import ArtifactRef
 from data_checks.gate import GateFailed, run_suites
 from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
-from tasks.artifacts import ArtifactRef, Step, sha256_text
-from tasks.caching import finish_step, step_task_options
-from tasks.config import RunnerConfig, TokenizeConfig
-from tasks.modeling import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
-from tasks.runner import map_batches
+from toolkit.runner import map_batches
+from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 
 TOKENIZED_SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("category", pa.string()),
@@ -181,7 +184,7 @@ def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: 
         if rest_rows.num_rows + blocks.num_rows else blocks
 
 
-STEP = Step("tokenize", __file__)
+STEP = Step("tokenize", __name__, libraries=("tokenizers", "transformers", "pyarrow"))
 
 
 def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: RunnerConfig | None = None
@@ -191,12 +194,12 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     Tokenizing is row-local and runs on `runner`; statistics and packing stay here, batch after batch in order.
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
-    source = pq.ParquetFile(templated / "data.parquet", pre_buffer=False)
+    source = pq.ParquetFile(layout.data_file(templated), pre_buffer=False)
     schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
     examples = truncated = zero_target = 0
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
-    with pq.ParquetWriter(out / "data.parquet", schema) as writer:
+    with pq.ParquetWriter(layout.data_file(out), schema) as writer:
         batches = source.iter_batches(batch_size=config.batch_size,
                                       columns=["id", "split", "category", "prompt", "completion"])
         for tokenized in map_batches(tokenize_batch, batches, config, runner=runner, step="tokenize"):
@@ -214,7 +217,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
             writer.write_batch(tokenized)
         if state.get("carry") is not None and state["carry"].num_rows:
             writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
-    written = pq.read_table(out / "data.parquet", columns=["id", "split", "category", "length", "n_target",
+    written = pq.read_table(layout.data_file(out), columns=["id", "split", "category", "length", "n_target",
                                                            "truncated"]).to_pandas()
     splits = written["split"].value_counts()
     tokens = int(written["length"].sum())
@@ -234,8 +237,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
         "tokenized_rows": (written, tokenized_rows_expectations(config.max_length)),
         "tokenized_summary": (pd.DataFrame([stats]), tokenized_summary_expectations(
             GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows)),
-    }, out / "data_docs", set(config.warn_only))
-    (out / "report.json").write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
+    }, out / layout.DATA_DOCS, set(config.warn_only))
+    (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
     return {**stats, "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
             "failure": report.failure_message() if report.blocking_failures else "",
             "warnings": [o.describe() for o in report.warnings]}
@@ -252,7 +255,7 @@ def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef, runner: 
         TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
     manifest = ref.manifest()
     if not manifest.get("passed", False):
-        docs = ref.path / "data_docs" / "index.html"
+        docs = layout.data_docs_index(ref.path)
         raise TokenizeGateFailed(f"{manifest.get('failure', 'tokenized data failed its checks')}. "
                                  f"Data Docs: {docs.as_uri()}")
     return finish_step(root, ref, built)

@@ -18,11 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
+from catalog import layout
+from catalog.caching import finish_step, step_task_options
+from catalog.sections import ValidateConfig
+from catalog.step import Step
+from catalog.store import ArtifactRef
 from data_checks.clean_suite import clean_ids_expectations, clean_rows_expectations, clean_summary_expectations
 from data_checks.gate import GateFailed, GateReport, run_suites
-from tasks.artifacts import ArtifactRef, Step
-from tasks.caching import finish_step, step_task_options
-from tasks.config import ValidateConfig
 
 
 class ValidationFailed(GateFailed):
@@ -75,20 +77,20 @@ def check_clean_data(data: Path, stats: dict[str, Any], config: ValidateConfig, 
     )
 
 
-STEP = Step("validate", __file__)
+STEP = Step("validate", __name__, libraries=("great-expectations", "pyarrow"))
 
 
 def write_validate(config: ValidateConfig, cleaned: Path, out: Path) -> dict[str, Any]:
     """Write the validated rows, report.json and data_docs/; give back counts and the verdict."""
-    stats = json.loads((cleaned / "manifest.json").read_text(encoding="utf-8"))
-    report = check_clean_data(cleaned / "data.parquet", stats, config, out / "data_docs")
+    stats = layout.read_manifest(cleaned)
+    report = check_clean_data(layout.data_file(cleaned), stats, config, out / layout.DATA_DOCS)
     try:
-        os.link(cleaned / "data.parquet", out / "data.parquet")  # same bytes; a link saves the copy
+        os.link(layout.data_file(cleaned), layout.data_file(out))  # same bytes; a link saves the copy
     except OSError:
-        shutil.copyfile(cleaned / "data.parquet", out / "data.parquet")
-    (out / "report.json").write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
+        shutil.copyfile(layout.data_file(cleaned), layout.data_file(out))
+    (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
     return {
-        "rows": pq.ParquetFile(out / "data.parquet").metadata.num_rows,
+        "rows": pq.ParquetFile(layout.data_file(out)).metadata.num_rows,
         "passed": not report.blocking_failures,
         "failure": report.failure_message() if report.blocking_failures else "",
         "data_docs": "data_docs/index.html",
@@ -104,6 +106,6 @@ def validate(config: dict[str, Any], root: str, cleaned: ArtifactRef) -> Artifac
                               lambda out, inputs: write_validate(ValidateConfig(**config), inputs[0], out))
     manifest = ref.manifest()
     if not manifest.get("passed", False):
-        docs = ref.path / "data_docs" / "index.html"
+        docs = layout.data_docs_index(ref.path)
         raise ValidationFailed(f"{manifest.get('failure', 'validation failed')}. Data Docs: {docs.as_uri()}")
     return finish_step(root, ref, built)

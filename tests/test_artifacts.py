@@ -2,13 +2,21 @@ import json
 
 import pytest
 
-from tasks.artifacts import ArtifactError, ArtifactStore, Step
+from catalog.step import Step
+from catalog.store import ArtifactError, ArtifactStore
 
 
-def _step(tmp_path):
-    module = tmp_path / "fake_step.py"
-    module.write_text("VERSION = 1\n")
-    return Step("demo", str(module))
+def _step(tmp_path, monkeypatch=None):
+    """A step module in a package of its own, importable from tmp_path."""
+    package = tmp_path / f"demo_{tmp_path.name}"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "fake_step.py").write_text("VERSION = 1\n")
+    import sys
+
+    if str(tmp_path) not in sys.path:
+        sys.path.insert(0, str(tmp_path))
+    return Step("demo", f"{package.name}.fake_step", packages=(package.name,))
 
 
 def _build(text):
@@ -34,7 +42,7 @@ def test_key_changes_with_config_and_code(tmp_path):
     step = _step(tmp_path)
     first = step.key({"a": 1}, [])
     assert step.key({"a": 2}, []) != first
-    (tmp_path / "fake_step.py").write_text("VERSION = 2\n")
+    (tmp_path / f"demo_{tmp_path.name}" / "fake_step.py").write_text("VERSION = 2\n")
     assert step.key({"a": 1}, []) != first
 
 
@@ -79,7 +87,7 @@ def test_temp_folders_of_dead_writers_on_this_host_are_swept_and_live_ones_kept(
     import subprocess
     import sys
 
-    from tasks.artifacts import sweep_abandoned
+    from catalog.store import sweep_abandoned
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

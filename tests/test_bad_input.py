@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.config import DataConfig
+from catalog.config import DataConfig
 from tasks.ingest import IngestError, write_ingest
 
 GOOD = {"instruction": "Say hi", "input": "", "output": "hi"}

@@ -18,7 +18,7 @@ def prefect_home(tmp_path_factory):
 def _itune(args, prefect_home, cwd):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "commands.app", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

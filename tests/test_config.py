@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.config import ConfigError, load_config
+from catalog.config import ConfigError, load_config
 
 
 def test_defaults_are_the_offline_quickstart():

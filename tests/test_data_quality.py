@@ -6,11 +6,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from catalog.config import CleanConfig, ConfigError, TemplateConfig, TokenizeConfig, load_config
 from tasks.clean import clean_rows, write_clean
-from tasks.config import CleanConfig, ConfigError, TemplateConfig, TokenizeConfig, load_config
-from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer
 from tasks.template import apply_template
 from tasks.tokenize import write_tokenize
+from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 STORY = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old red barn "
          "and the children play in the long green grass beside the quiet river")

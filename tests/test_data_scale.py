@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig
 from tasks.clean import (
     clean_rows,
     lsh_bands,
@@ -22,11 +23,10 @@ from tasks.clean import (
     token_counts,
     write_clean,
 )
-from tasks.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig
 from tasks.ingest import _ingest_batches, ingest_source, write_ingest
-from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer
 from tasks.template import apply_template, write_template
 from tasks.tokenize import fit_example, fit_lengths, tokenize_batch
+from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 
 def _normalize_by_lines(text: str) -> str:

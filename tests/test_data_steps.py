@@ -5,13 +5,13 @@ import json
 import pandas as pd
 import pytest
 
+from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig
 from tasks.clean import clean_rows, normalize_text, write_clean
-from tasks.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig
 from tasks.ingest import IngestError, ingest_source, write_ingest
-from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer
 from tasks.template import apply_template, split_of
 from tasks.tokenize import fit_example, write_tokenize
 from tasks.validate import check_clean_data, write_validate
+from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 
 def test_gpt2_tokenizer_is_the_real_bpe_offline():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.caching import asset_key
-from tasks.config import STEPS
+from catalog.caching import asset_key
+from catalog.config import STEPS
 from tests.conftest import REPO, tiny_overrides
 from tests.servers import PREFECT, chromium, postgres, prefect_server, workers
 
@@ -22,7 +22,7 @@ SCREENSHOTS = Path(os.environ.get("ITUNE_TEST_ARTIFACTS", REPO / "test-artifacts
 
 
 def _itune(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "commands.app", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

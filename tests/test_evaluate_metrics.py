@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.config import EvalConfig
+from catalog.config import EvalConfig
 from tasks.evaluate import category_scoring, plot_loss_curve, report_markdown, rouge_l, token_losses
-from tasks.modeling import IGNORE_INDEX, load_base_model
+from toolkit.modeling import load_base_model
+from toolkit.tokenizer import IGNORE_INDEX
 
 
 def _rows():

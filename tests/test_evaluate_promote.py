@@ -9,8 +9,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app, run_pipeline
-from tasks.config import load_config
+from catalog.config import load_config
+from commands.app import app
+from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

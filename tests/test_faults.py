@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_faults import artifact_problems, cli_env, intact, run_trials
-from flows.cli import run_pipeline
-from tasks.artifacts import MANIFEST, ArtifactStore
-from tasks.config import STEPS, load_config
+from catalog.config import STEPS, load_config
+from catalog.store import MANIFEST, ArtifactStore
+from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

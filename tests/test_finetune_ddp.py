@@ -19,7 +19,7 @@ SETTINGS = {"max_steps": 12, "save_steps": 0, "logging_steps": 4, "learning_rate
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    from tasks.config import ModelConfig, TrainConfig
+    from catalog.config import ModelConfig, TrainConfig
     from tasks.finetune import train_model
 
     model = micro_model(tmp_path / "micro")
@@ -38,7 +38,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 
 def _main(raw: str) -> None:
-    from tasks.config import ModelConfig, TrainConfig
+    from catalog.config import ModelConfig, TrainConfig
     from tasks.finetune import train_model
 
     args = json.loads(raw)

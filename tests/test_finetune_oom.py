@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import MANIFEST, ArtifactRef
-from tasks.config import ModelConfig, TrainConfig
-from tasks.modeling import GPT2_VOCAB_SIZE, IGNORE_INDEX
+from catalog.config import ModelConfig, TrainConfig
+from catalog.store import MANIFEST, ArtifactRef
 from tests.conftest import REPO
+from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX
 
 ROWS, LENGTH = 4096, 512
 # Above the imports: room for the rows, the tiny model, AdamW and a small batch's activations (~0.3 GiB
@@ -94,7 +94,7 @@ def _main(raw: str) -> None:
     from datasets import Dataset  # noqa: F401
 
     from tasks.finetune import STEP, TrainingOutOfMemory, write_finetune
-    from tasks.modeling import gpt2_tokenizer
+    from toolkit.tokenizer import gpt2_tokenizer
 
     gpt2_tokenizer()
     args = json.loads(raw)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ModelConfig, TrainConfig
+from catalog.config import ModelConfig, TrainConfig
 from tasks.finetune import CHECKPOINT_MARK, CheckpointError, resumable_checkpoint, train_model
-from tasks.modeling import IGNORE_INDEX
 from tests.conftest import REPO
+from toolkit.tokenizer import IGNORE_INDEX
 
 STEPS = 24
 SETTINGS = {"max_steps": STEPS, "batch_size": 4, "save_steps": 6, "logging_steps": 6, "learning_rate": 3e-3,

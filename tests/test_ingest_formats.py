@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.config import DataConfig, SourceSpec
+from catalog.config import DataConfig, SourceSpec
 from tasks.ingest import ingest_source, source_fingerprint
 
 ALPACA = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Greet", "input": "", "output": "hi"}]

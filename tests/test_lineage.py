@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from flows.cli import run_pipeline
-from tasks.artifacts import ArtifactStore
-from tasks.caching import asset_key
-from tasks.config import load_config
+from catalog.caching import asset_key
+from catalog.config import load_config
+from catalog.lineage import lineage, resolve
+from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -37,8 +37,7 @@ def test_each_step_materializes_an_asset_and_lineage_leads_to_the_source(tmp_pat
     assert "error" not in summary, summary.get("error")
     uris = {step: info["artifact"] for step, info in summary["steps"].items()}
 
-    store = ArtifactStore(root)
-    chain = store.lineage(store.find(uris["template"]))
+    chain = lineage(resolve(uris["template"], root))
     assert [link["step"] for link in chain] == ["template", "validate", "clean", "ingest"]
     assert all(link["verified"] and link["code_version"] for link in chain)
     assert chain[-1]["config"]["source"] == "builtin:tasks"

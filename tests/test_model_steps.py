@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from tasks.config import EvalConfig, ModelConfig, TrainConfig
+from catalog.config import EvalConfig, ModelConfig, TrainConfig
 from tasks.evaluate import normalize_answer, response_loss
 from tasks.finetune import train_model
-from tasks.modeling import IGNORE_INDEX, ModelSourceError, load_base_model, response_token_loss
+from toolkit.modeling import ModelSourceError, load_base_model, response_token_loss
+from toolkit.tokenizer import IGNORE_INDEX
 
 
 def _rows(n=24):

@@ -7,10 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from catalog.config import STEPS, load_config
+from catalog.step import FAULT_ENV
+from commands.app import app
+from commands.running import run_pipeline
 from deployments.deploy import NIGHTLY, ON_DEMAND, deploy_all
-from flows.cli import app, run_pipeline
-from tasks.artifacts import FAULT_ENV
-from tasks.config import STEPS, load_config
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

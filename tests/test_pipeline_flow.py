@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import run_pipeline
-from tasks.config import STEPS, load_config
+from catalog.config import STEPS, load_config
+from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

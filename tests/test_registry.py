@@ -5,8 +5,8 @@ import multiprocessing
 
 import pytest
 
-from tasks.config import PromoteConfig
-from tasks.registry import Registry, RegistryError, decide
+from catalog.config import PromoteConfig
+from toolkit.registry import Registry, RegistryError, decide
 
 
 def _candidate(key, exact, val_loss=1.0, rouge=0.5):

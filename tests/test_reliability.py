@@ -29,8 +29,8 @@ from benchmarks.bench_faults import (
     states,
     summary,
 )
-from tasks.artifacts import MANIFEST, ArtifactError, ArtifactStore
-from tasks.config import STEPS
+from catalog.config import STEPS
+from catalog.store import MANIFEST, ArtifactError, ArtifactStore
 from tasks.finetune import CHECKPOINT_MARK
 from tests.conftest import REPO, tiny_overrides
 
@@ -169,7 +169,7 @@ def test_disk_full_while_writing_leaves_nothing_that_looks_complete(tmp_path):
         "import resource, signal\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
-        "from tasks.config import DataConfig\n"
+        "from catalog.config import DataConfig\n"
         "from tasks.ingest import STEP, write_ingest\n"
         "config = DataConfig(builtin_examples=3000).model_dump(mode='json')\n"
         f"STEP.produce(config, {str(root)!r}, [], lambda out, _: write_ingest(DataConfig(**config), out))\n"
@@ -241,6 +241,6 @@ def test_a_hub_token_from_env_or_a_secret_block_never_reaches_artifacts_or_logs(
 
 if __name__ == "__main__":
     _freeze_at(os.environ[FREEZE_AT], Path(os.environ[FREEZE_MARKER]))
-    from flows.cli import app
+    from commands.app import app
 
     app(prog_name="itune")

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from tasks.artifacts import ArtifactRef
+from catalog.config import STEPS, CleanConfig, DataConfig, RunnerConfig, TemplateConfig, TokenizeConfig, load_config
+from catalog.store import ArtifactRef
 from tasks.clean import write_clean
-from tasks.config import STEPS, CleanConfig, DataConfig, RunnerConfig, TemplateConfig, TokenizeConfig, load_config
 from tasks.ingest import write_ingest
 from tasks.template import STEP as TEMPLATE_STEP
 from tasks.template import write_template

@@ -10,11 +10,12 @@ import uuid
 import fsspec
 import pytest
 
-from flows.cli import run_pipeline
-from tasks.artifacts import MANIFEST, MIRROR_ENV, ArtifactStore, Step, sha256_file
-from tasks.config import STEPS, load_config
-from tasks.registry import Registry
+from catalog.config import STEPS, load_config
+from catalog.step import Step
+from catalog.store import MANIFEST, MIRROR_ENV, ArtifactStore, sha256_file
+from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
+from toolkit.registry import Registry
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def _write(rows):
 
 def test_a_tampered_or_half_uploaded_shared_copy_is_never_read_and_a_rebuild_repairs_it(tmp_path, monkeypatch,
                                                                                          shared_url):
-    step = Step("clean", __file__)
+    step = Step("clean", "tests.test_shared_root")
     monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "machine-a"))
     built, fresh = step.produce({}, shared_url, [], _write(["a", "b"]))
     assert fresh

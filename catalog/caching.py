@@ -15,7 +15,9 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
-from tasks.artifacts import ArtifactRef, ArtifactStore, Step, sha256_text
+from catalog.keys import sha256_text
+from catalog.step import Step
+from catalog.store import ArtifactRef, ArtifactStore
 
 
 def _record_key(root: str, ref: ArtifactRef) -> str:

@@ -23,27 +23,21 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from catalog.keys import canonical_json, library_versions, sha256_text
+
 MANIFEST = "manifest.json"
+# Library versions every manifest records, for the reader (what keys a step is the code version's job).
+MANIFEST_LIBRARIES = ("prefect", "pandas", "pyarrow", "torch", "transformers", "great-expectations")
 _HASH_CHUNK = 1 << 20
 # Where machines keep their local mirrors of shared (URL) artifact roots.
 MIRROR_ENV = "ITUNE_MIRROR"
 DEFAULT_MIRROR = "~/.cache/itune/mirrors"
-
-# Operators rehearse "fail, then rerun only what failed" by naming a step here; it fails only when it would build.
-FAULT_ENV = "ITUNE_FAIL_AT"
-
-
-class InjectedFault(RuntimeError):
-    """The step named by ITUNE_FAIL_AT was about to build its artifact."""
-
 
 class ArtifactError(RuntimeError):
     """An artifact is missing or fails verification."""
@@ -68,41 +62,12 @@ class ArtifactRef(BaseModel):
         return json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
 
 
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def code_version(module_file: str | Path) -> str:
-    """Give back a hash of a step module's source: editing a step invalidates its artifacts."""
-    return sha256_text(Path(module_file).read_text(encoding="utf-8"))[:12]
-
-
-def artifact_key(step: str, config: dict[str, Any], input_keys: list[str], code: str, fingerprint: str) -> str:
-    """Give back the content key of a step's output."""
-    payload = {"step": step, "config": config, "inputs": input_keys, "code": code, "source": fingerprint}
-    return sha256_text(canonical_json(payload))[:16]
-
-
-def _library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("prefect", "pandas", "pyarrow", "torch", "transformers", "great_expectations"):
-        try:
-            versions[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def is_url(root: str | Path) -> bool:
@@ -228,7 +193,7 @@ class ArtifactStore:
                 "sha256": sha256_text(canonical_json(files)),
                 "build_id": uuid.uuid4().hex,
                 "created_at": datetime.now(timezone.utc).isoformat(),
-                "versions": _library_versions(),
+                "versions": {"python": platform.python_version(), **library_versions(MANIFEST_LIBRARIES)},
             }
             manifest.setdefault("rows", 0)
             write_text_atomically(temp / MANIFEST, json.dumps(manifest, indent=2, default=str))
@@ -271,39 +236,6 @@ class ArtifactStore:
         finally:
             shutil.rmtree(temp, ignore_errors=True)
         return _intact_manifest(final)
-
-    def find(self, spec: str) -> Path:
-        """Give back an artifact folder from a path, `step/key`, or a unique key prefix."""
-        candidate = Path(spec).expanduser()
-        if (candidate / MANIFEST).is_file():
-            return candidate.resolve()
-        if (self.root / spec / MANIFEST).is_file():
-            return self.root / spec
-        matches = [m.parent for m in self.root.glob(f"*/{spec}*/{MANIFEST}")]
-        if len(matches) != 1:
-            raise ArtifactError(f"'{spec}' names {len(matches)} artifacts under {self.root}; give step/key or a path")
-        return matches[0]
-
-    def lineage(self, folder: Path) -> list[dict[str, Any]]:
-        """Give back the chain of manifests from an artifact back to its source, nearest first."""
-        chain: list[dict[str, Any]] = []
-        pending = [Path(folder)]
-        seen: set[Path] = set()
-        while pending:
-            current = pending.pop(0)
-            if current in seen:
-                continue
-            seen.add(current)
-            manifest = json.loads((current / MANIFEST).read_text(encoding="utf-8"))
-            verified = self.manifest(manifest["step"], manifest["key"]) is not None if current.parent.parent == \
-                self.root else None
-            chain.append({"uri": str(current), "step": manifest["step"], "key": manifest["key"],
-                          "code_version": manifest.get("code_version"), "config": manifest.get("config"),
-                          "rows": manifest.get("rows"), "created_at": manifest.get("created_at"),
-                          "verified": verified, "inputs": [entry["uri"] for entry in manifest.get("inputs", [])],
-                          "sources": manifest.get("sources") or []})
-            pending += [local_folder(e["uri"], e["step"], e["key"]) for e in manifest.get("inputs", [])]
-        return chain
 
     def _publish(self, temp: Path, final: Path) -> None:
         if final.exists():
@@ -387,52 +319,3 @@ def files_match(folder: Path, files: dict[str, Any], describe: Callable[[Path], 
         if not file.is_file() or describe(file) != expected:
             return False
     return True
-
-
-@dataclass(frozen=True)
-class Step:
-    """One pipeline step's identity: its name, its code version and how its source is fingerprinted."""
-
-    name: str
-    module_file: str
-    fingerprint: Callable[[dict[str, Any]], str] | None = None
-
-    @property
-    def code(self) -> str:
-        return code_version(self.module_file)
-
-    def key(self, config: dict[str, Any], inputs: list[ArtifactRef]) -> str:
-        source = self.fingerprint(config) if self.fingerprint else ""
-        return artifact_key(self.name, config, [f"{r.step}:{r.key}" for r in inputs], self.code, source)
-
-    def produce(
-        self,
-        config: dict[str, Any],
-        root: str,
-        inputs: list[ArtifactRef],
-        build: Callable[[Path, list[Path]], dict[str, Any]],
-    ) -> tuple[ArtifactRef, bool]:
-        """Give back (the artifact for these inputs, whether it was built now).
-
-        `build(out_dir, input_dirs)` writes the files and returns at least {"rows": N}. An intact
-        artifact with the same key is reused as it is.
-        """
-        store = ArtifactStore(root)
-        key = self.key(config, inputs)
-        existing = store.manifest(self.name, key)
-        if existing is not None:
-            return store.ref(self.name, key, existing), False
-        if os.environ.get(FAULT_ENV) == self.name:
-            raise InjectedFault(f"fault injected into '{self.name}' by {FAULT_ENV}={self.name} (a testing setting)")
-        input_dirs = [store.open(ref) for ref in inputs]
-        record: dict[str, Any] = {
-            "inputs": [{"step": r.step, "key": r.key, "uri": r.uri, "sha256": r.sha256} for r in inputs],
-            "config": config,
-            "code_version": self.code,
-        }
-        with store.writing(self.name, key, record) as out:
-            record.update(build(out, input_dirs))
-        manifest = store.manifest(self.name, key)
-        if manifest is None:
-            raise ArtifactError(f"artifact {store.path(self.name, key)} failed verification right after writing")
-        return store.ref(self.name, key, manifest), True

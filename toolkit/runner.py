@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.config import RunnerConfig
+from catalog.sections import RunnerConfig
 
 T = TypeVar("T")
 R = TypeVar("R")

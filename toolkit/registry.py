@@ -19,8 +19,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.artifacts import ArtifactStore, local_folder, write_text_atomically
-from tasks.config import PromoteConfig
+from catalog.store import ArtifactStore, local_folder, write_text_atomically
+from catalog.training_sections import PromoteConfig
 
 REGISTRY_DIR = "registry"
 REGISTRY_FILE = "registry.json"
@@ -101,25 +101,6 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, config: P
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Give back the flat numeric metrics of an evaluation (nested tables left out)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def upstream_config(folder: str | Path, step: str, depth: int = 10) -> dict[str, Any] | None:
-    """Give back the config of the first `step` artifact up an artifact's lineage, or None if unreachable."""
-    folder = Path(folder)
-    for _ in range(depth):
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if manifest.get("step") == step:
-            return manifest.get("config")
-        inputs = manifest.get("inputs") or []
-        if not inputs:
-            return None
-        # a step's primary input comes first (template before tokenize for evaluate; data for the rest)
-        entry = next((i for i in inputs if i["step"] == step), inputs[-1])
-        folder = local_folder(entry["uri"], entry["step"], entry["key"])
-    return None
 
 
 class Registry:
@@ -247,16 +228,3 @@ class Registry:
     @staticmethod
     def _model_path(entry: dict[str, Any]) -> Path:
         return local_folder(entry["model_uri"], "finetune", entry["model_key"])
-
-
-def model_and_template(folder: Path) -> tuple[Path, dict[str, Any] | None]:
-    """Give back (the save_pretrained folder, the template config it was trained with if its lineage says so)."""
-    if (folder / "model" / "config.json").is_file():
-        artifact = folder
-    elif (folder / "config.json").is_file():
-        artifact = folder.parent if (folder.parent / "manifest.json").is_file() else folder
-    else:
-        raise RegistryError(f"{folder} holds no model (expected a finetune artifact or a save_pretrained folder)")
-    model = artifact / "model" if (artifact / "model" / "config.json").is_file() else folder
-    template = upstream_config(artifact, "template")
-    return model, {k: v for k, v in template.items() if not k.endswith("_fraction")} if template else None

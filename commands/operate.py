@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from tasks.artifacts import ArtifactStore
-from tasks.config import STEPS, ConfigError, with_overrides
-from tasks.registry import Registry, RegistryError
+from catalog.config import STEPS, ConfigError, with_overrides
+from catalog.store import ArtifactError
+from toolkit.registry import Registry, RegistryError
 
 PIPELINE_FLOW = "itune-pipeline"
 FINAL_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -211,27 +211,18 @@ def rerun_on_deployment(flow_run_id: str, plan: dict[str, Any]) -> tuple[str, st
 
 
 def resolve_artifact(spec: str, root: str | Path) -> Path:
-    """Find an artifact folder from a path, `champion`, a registered model key, or STEP/KEY-prefix."""
-    path = Path(spec).expanduser()
-    if (path / "manifest.json").is_file():
-        return path.resolve()
-    registry = Registry(root)
+    """Find an artifact folder from `champion`, a registered model key, or what the catalog resolves."""
+    from catalog.lineage import resolve
+
+    if not (Path(spec).expanduser() / "manifest.json").is_file():
+        try:
+            return Registry(root).model_folder(spec).resolve()
+        except RegistryError:
+            pass
     try:
-        return registry.model_folder(spec).resolve()
-    except RegistryError:
-        pass
-    store = ArtifactStore(root)
-    step, _, prefix = spec.partition("/")
-    matches = [p for p in (store.root / step).glob(f"{prefix}*") if step in STEPS and (p / "manifest.json").is_file()]
-    if len(matches) == 1:
-        return matches[0]
-    raise OperateError(f"'{spec}' is not an artifact folder, 'champion', a registered model key, or STEP/KEY "
-                       f"(e.g. finetune/3fa2) under {store.root}" + (f"; {len(matches)} match" if matches else ""))
-
-
-def lineage(folder: Path) -> list[dict[str, Any]]:
-    """Give back the chain of manifests from an artifact back to its source files, nearest first."""
-    return ArtifactStore(folder.parent.parent).lineage(folder)
+        return resolve(spec, root)
+    except ArtifactError as exc:
+        raise OperateError(f"{exc} (or 'champion', a registered model key)") from None
 
 
 def next_scheduled() -> tuple[str, str] | None:

