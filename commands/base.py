@@ -131,8 +131,14 @@ def settings(config: Path | None, set_: list[str] | None, root: str | None) -> t
 STATE_COLORS = {"Completed": "green", "Cached": "cyan", "Failed": "red", "Crashed": "red", "Running": "yellow"}
 
 
-STEP_MARKS = {"Completed": "[green]✔[/]", "Cached": "[cyan]↺[/]", "Failed": "[red]✘[/]", "Crashed": "[red]✘[/]",
-              "Running": "[yellow]▶[/]", "": "[dim]·[/]"}
+_STATE_MARKS = {"Completed": "✔", "Cached": "↺", "Failed": "✘", "Crashed": "✘", "Running": "▶"}
+
+
+def step_mark(state: str) -> str:
+    """Give back a one-character coloured mark of a step's state ("" for a step the run did not reach)."""
+    if not state:
+        return "[dim]·[/]"
+    return f"[{STATE_COLORS.get(state, 'yellow')}]{_STATE_MARKS.get(state, '?')}[/]"
 
 
 def colored(state: str) -> str:

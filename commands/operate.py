@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from catalog.config import STEPS, ConfigError, with_overrides
+from catalog.config import ConfigError, with_overrides
 from catalog.store import ArtifactError
 from toolkit.registry import Registry, RegistryError
 
@@ -48,18 +48,10 @@ def _client():
 
 def step_states(flow_run_ids: list[UUID]) -> dict[UUID, dict[str, str]]:
     """Give back each flow run's steps and their latest state name (Completed, Cached, Failed...)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from toolkit.run_states import state_name, task_runs_by_step
 
-    if not flow_run_ids:
-        return {}
-    with _client() as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
-    states: dict[UUID, dict[str, str]] = {run_id: {} for run_id in flow_run_ids}
-    for run in sorted(task_runs, key=lambda r: r.expected_start_time or r.created or 0):
-        step = run.name.rsplit("-", 1)[0]
-        if step in STEPS and run.flow_run_id in states:
-            states[run.flow_run_id][step] = run.state.name if run.state else "Pending"
-    return states
+    return {run_id: {step: state_name(run) for step, run in steps.items()}
+            for run_id, steps in task_runs_by_step(flow_run_ids).items()}
 
 
 def find_run(spec: str) -> UUID:

@@ -17,32 +17,14 @@ from commands.base import (
     ConfigOption,
     SetOption,
     app,
+    colored,
     connect,
     fail,
     out,
     print_decision,
     quiet_console_tracebacks,
 )
-from toolkit.registry import METRIC_LABELS, Registry
-
-
-def _task_runs(flow_run_id: Any) -> dict[str, Any]:
-    """Give back the latest task run of each step in a flow run, by step name."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    # Task states reach the API as events that may land just after the flow returns: wait briefly for them.
-    deadline = time.monotonic() + 10
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if time.monotonic() > deadline or all(run.state and run.state.is_final() for run in runs):
-                break
-            time.sleep(0.2)
-    by_step: dict[str, Any] = {}
-    for run in sorted(runs, key=lambda r: r.created or 0):
-        by_step[run.task_key.split("-")[0] if run.task_key else run.name.rsplit("-", 1)[0]] = run
-    return {step: run for step, run in by_step.items() if step in STEPS}
+from toolkit.registry import Registry, metric_rows
 
 
 def _seconds(run: Any) -> float:
@@ -52,7 +34,10 @@ def _seconds(run: Any) -> float:
 
 
 def _summarise(state: Any, refs: dict[str, Any]) -> dict[str, Any]:
-    runs = _task_runs(state.state_details.flow_run_id)
+    from toolkit.run_states import task_runs_by_step
+
+    flow_run_id = state.state_details.flow_run_id
+    runs = task_runs_by_step([flow_run_id], wait_final_seconds=10)[flow_run_id]
     steps: dict[str, Any] = {}
     for step in STEPS:
         run = runs.get(step)
@@ -85,9 +70,8 @@ def print_summary(summary: dict[str, Any], wall: float, title: str | None = None
         results = Table(title=title or "metrics (held-out)")
         for column in ("metric", "base", "tuned"):
             results.add_column(column, justify="left" if column == "metric" else "right")
-        for name, label in METRIC_LABELS:
-            if f"tuned_{name}" in metrics and f"base_{name}" in metrics:
-                results.add_row(label, f"{metrics[f'base_{name}']:.4f}", f"{metrics[f'tuned_{name}']:.4f}")
+        for row in metric_rows(metrics):
+            results.add_row(row["metric"], f"{row['base']:.4f}", f"{row['tuned']:.4f}")
         out.print(results)
     if summary.get("promotion"):
         print_decision(summary["promotion"])
@@ -99,10 +83,8 @@ def _print_steps(summary: dict[str, Any]) -> None:
     table = Table(title=f"itune pipeline · flow run {summary['flow_run_id']}")
     for column in ("step", "state", "rows", "seconds", "artifact"):
         table.add_column(column, justify="right" if column in ("rows", "seconds") else "left")
-    colors = {"Completed": "green", "Cached": "cyan", "Failed": "red"}
     for step, info in summary["steps"].items():
-        color = colors.get(info["state"], "yellow")
-        table.add_row(step, f"[{color}]{info['state']}[/]", str(info["rows"] if info["rows"] is not None else "-"),
+        table.add_row(step, colored(info["state"]), str(info["rows"] if info["rows"] is not None else "-"),
                       f"{info['seconds']:.2f}", info["artifact"] or "-")
     out.print(table)
 

@@ -16,7 +16,6 @@ from rich.table import Table
 
 from catalog.config import STEPS, ConfigError, load_config
 from commands.base import (
-    STEP_MARKS,
     ConfigOption,
     RootOption,
     SetOption,
@@ -28,6 +27,7 @@ from commands.base import (
     out,
     settings,
     short,
+    step_mark,
     ui_link,
 )
 from commands.running import finish, run_pipeline
@@ -159,7 +159,7 @@ def runs(limit: Annotated[int, typer.Option(help="how many of the newest runs")]
         for column in ("run", "started", "by", "state", "steps", "exact", "loss", "s"):
             table.add_column(column, justify="right" if column in ("exact", "loss", "s") else "left", no_wrap=True)
         for view in views:
-            marks = "".join(STEP_MARKS.get(view.steps.get(step, ""), "[yellow]?[/]") for step in STEPS)
+            marks = "".join(step_mark(view.steps.get(step, "")) for step in STEPS)
             table.add_row(view.id[:8], view.started[5:16], view.deployment or "cli", colored(view.state), marks,
                           short(view.metrics, "tuned_exact_match", "{:.1%}"),
                           short(view.metrics, "tuned_val_loss", "{:.3f}"),

@@ -51,10 +51,7 @@ def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef, pool: st
 
 
 def _reused_on_pool(flow_run_id: Any) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from toolkit.run_states import state_name, task_runs_by_step
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states = [run.state.name for run in runs if run.state and run.name.startswith("finetune")]
-    return bool(states) and all(state == "Cached" for state in states)
+    finetune = task_runs_by_step([flow_run_id])[flow_run_id].get("finetune")
+    return finetune is not None and state_name(finetune) == "Cached"

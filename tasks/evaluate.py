@@ -29,8 +29,8 @@ from catalog.lineage import upstream_config
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from catalog.training_sections import EvalConfig, PromoteConfig
-from toolkit.modeling import load_base_model
-from toolkit.registry import METRIC_LABELS, Registry, headline_metrics
+from toolkit.modeling import load_base_model, pad_batch
+from toolkit.registry import Registry, headline_metrics, metric_rows
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 _SPACES = re.compile(r"\s+")
@@ -59,14 +59,8 @@ def token_losses(model: Any, rows: list[dict[str, Any]], batch_size: int) -> dic
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                n = len(r["input_ids"])
-                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            batch = pad_batch(rows[start:start + batch_size], pad_token_id=0)
+            ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
             real = mask[:, 1:].bool()
             targets, is_response = ids[:, 1:][real], (labels[:, 1:] != IGNORE_INDEX)[real]
@@ -192,12 +186,6 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
     metrics.update(examples=len(test), per_category=per_category.round(4).to_dict(orient="index"),
                    train_final_loss=finetune_manifest.get("final_loss"), train_steps=finetune_manifest.get("steps"))
     return samples, metrics
-
-
-def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Give back the headline table: one row per metric measured, base beside tuned."""
-    return [{"metric": label, "base": round(metrics[f"base_{name}"], 4), "tuned": round(metrics[f"tuned_{name}"], 4)}
-            for name, label in METRIC_LABELS if f"tuned_{name}" in metrics and f"base_{name}" in metrics]
 
 
 def category_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:

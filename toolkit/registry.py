@@ -42,6 +42,12 @@ METRIC_LABELS: list[tuple[str, str]] = [
 ]
 
 
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Give back the headline table: one row per metric measured, base beside tuned."""
+    return [{"metric": label, "base": round(metrics[f"base_{name}"], 4), "tuned": round(metrics[f"tuned_{name}"], 4)}
+            for name, label in METRIC_LABELS if f"tuned_{name}" in metrics and f"base_{name}" in metrics]
+
+
 class RegistryError(RuntimeError):
     """A registry lookup that cannot be answered (unknown model, no champion)."""
 
