@@ -130,10 +130,13 @@ def response_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], 
 
 
 def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Give back a right-padded batch: input_ids, labels (-100 on padding), attention_mask, position_ids if given.
+    """Give back a right-padded batch: input_ids, labels (-100 on padding), and attention_mask or position_ids.
 
-    Packed rows carry position_ids that restart at every packed example; they are kept so each
-    example sees positions from 0, as it would unpacked.
+    Packed rows carry position_ids that restart at every packed example. They go to the model without
+    an attention mask: transformers then reads the example boundaries from the restarts and gives each
+    example its own causal attention (block-diagonal for SDPA/eager, varlen for flash attention), as if
+    it were alone. A 2-D mask of ones would let each example attend to the ones packed before it.
+    Padding at the end gets position 0 (each pad its own example) and label -100, so nothing attends to it.
     """
     import torch
 
@@ -142,14 +145,12 @@ def pad_batch(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
     def padded(key: str, fill: int) -> torch.Tensor:
         return torch.tensor([list(row[key]) + [fill] * (width - len(row[key])) for row in rows], dtype=torch.long)
 
-    batch = {
-        "input_ids": padded("input_ids", pad_token_id),
-        "labels": padded("labels", IGNORE_INDEX),
-        "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * (width - len(row["input_ids"]))
-                                        for row in rows], dtype=torch.long),
-    }
+    batch = {"input_ids": padded("input_ids", pad_token_id), "labels": padded("labels", IGNORE_INDEX)}
     if "position_ids" in rows[0]:
         batch["position_ids"] = padded("position_ids", 0)
+    else:
+        batch["attention_mask"] = torch.tensor([[1] * len(row["input_ids"]) + [0] * (width - len(row["input_ids"]))
+                                                for row in rows], dtype=torch.long)
     return batch
 
 
