@@ -19,6 +19,14 @@ class ModelConfig(Section):
         None, description="name of a Prefect Secret block holding a Hugging Face Hub token (default: HF_TOKEN)")
 
 
+class LoraSettings(Section):
+    r: PositiveInt = Field(8, description="rank of each low-rank update")
+    alpha: float = Field(16.0, gt=0, description="scale: updates are multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"],
+                                      description="GPT-2's attention and MLP projections")
+
+
 class TrainConfig(Section):
     epochs: float = Field(7.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run the full epochs")
@@ -38,6 +46,11 @@ class TrainConfig(Section):
     logging_steps: PositiveInt = 25
     save_steps: int = Field(200, ge=0, description="checkpoint every N steps (0: only the final model)")
     work_pool: str | None = Field(None, description="run fine-tune as a deployment on this Prefect work pool")
+    peft: Literal["none", "lora"] = Field("none", description="lora: train low-rank adapters (peft), publish merged")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    nproc_per_node: PositiveInt = Field(1, description="training processes per host (torchrun): GPUs, or CPU gloo")
+    nnodes: PositiveInt = Field(1, description="hosts training together")
+    rdzv_endpoint: str | None = Field(None, description="host:port every host meets at (nnodes > 1)")
 
 
 class EvalConfig(Section):

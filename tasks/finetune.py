@@ -28,6 +28,7 @@ from catalog.keys import canonical_json, sha256_text
 from catalog.step import Step
 from catalog.store import ArtifactRef, ArtifactStore, verified_listing, write_text_atomically
 from catalog.training_sections import ModelConfig, TrainConfig
+from toolkit.lora import is_lora, save_adapter_and_merged, trainable_parameters, with_lora
 from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
@@ -253,6 +254,8 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.eos_token_id
     pad_id = model.config.pad_token_id  # the model's own: a small-vocabulary model may not have GPT-2's 50256
+    if train_config.peft == "lora":
+        model = with_lora(model, train_config.lora)
     if train_config.torch_compile:
         model.base_model.compile()  # in place, so saved weights keep their plain names
     columns = ["input_ids", "labels"] + (["position_ids"] if train_rows and "position_ids" in train_rows[0] else [])
@@ -318,8 +321,12 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         raise TrainingOutOfMemory(out_of_memory)
     seconds = time.perf_counter() - started
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    trainable = trainable_parameters(model)
     if trainer.is_world_process_zero():
-        model.save_pretrained(layout.model_dir(out))
+        if is_lora(model):  # the adapter kept beside a plain merged model that from_pretrained loads
+            model = save_adapter_and_merged(model, out, layout.model_dir(out))
+        else:
+            model.save_pretrained(layout.model_dir(out))
         tokenizer.save_pretrained(layout.model_dir(out))
         with open(layout.training_log(out), "w", encoding="utf-8") as handle:
             for entry in history:
@@ -333,6 +340,8 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         "train_seconds": round(seconds, 2),
         "target_tokens_per_second": round(progress.targets_seen / max(seconds, 1e-9), 1),
         "parameters": count_parameters(model),
+        "trainable_parameters": trainable,
+        "peft": train_config.peft,
         "device": "cuda" if use_gpu else "cpu",
         "world_size": world_size,
         "final_perplexity_train": math.exp(min(final_loss, 50)),
