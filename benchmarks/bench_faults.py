@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:
 from benchmarks._results import write_results  # noqa: E402
 from catalog.config import STEPS  # noqa: E402
 from catalog.store import MANIFEST, ArtifactStore  # noqa: E402
-from tasks.finetune import CHECKPOINT_MARK  # noqa: E402
+from toolkit.checkpoints import CHECKPOINT_MARK  # noqa: E402
 
 COMMAND = "python benchmarks/bench_faults.py --trials 20 --write"
 ITUNE = [sys.executable, "-m", "commands.app"]

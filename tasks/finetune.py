@@ -8,7 +8,6 @@ and progress reporting to Prefect.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,121 +23,22 @@ from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
-from catalog.keys import canonical_json, sha256_text
 from catalog.step import Step
-from catalog.store import ArtifactRef, ArtifactStore, verified_listing, write_text_atomically
+from catalog.store import ArtifactRef, ArtifactStore
 from catalog.training_sections import ModelConfig, TrainConfig
+from toolkit.checkpoints import (
+    CheckpointError,
+    TrainingOutOfMemory,
+    is_out_of_memory,
+    mark_checkpoint_complete,
+    out_of_memory_message,
+    resumable_checkpoint,
+    rows_fingerprint,
+    run_fingerprint,
+)
 from toolkit.lora import is_lora, save_adapter_and_merged, trainable_parameters, with_lora
 from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
-
-CHECKPOINT_MARK = "itune-checkpoint.json"
-# Settings that change what is trained; the others (logging, checkpoint cadence, pool, time budget)
-# can differ between a crashed run and its resume without changing the result.
-_TRAJECTORY_FREE = {"logging_steps", "save_steps", "work_pool", "max_seconds"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be resumed from: made for other data or settings, or already past the end."""
-
-
-class TrainingOutOfMemory(RuntimeError):
-    """A training batch did not fit in memory; the one-line message names the settings to lower."""
-
-
-# CPU allocator failures arrive as plain RuntimeErrors ("DefaultCPUAllocator: can't allocate memory: ...",
-# "... not enough memory ..."); only the message tells them apart from other errors.
-_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "defaultcpuallocator")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Tell whether an exception raised while training means an allocation failed."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OUT_OF_MEMORY_MARKERS)
-
-
-def out_of_memory_message(train_config: TrainConfig, max_length: int, device: str, world_size: int) -> str:
-    """Give back one line: what did not fit, and the settings that keep the effective batch while fitting."""
-    size, accumulation = train_config.batch_size, train_config.gradient_accumulation_steps
-    # The smallest factor of the batch size keeps batch x accumulation exactly equal (a plain halving when even).
-    factor = next((f for f in range(2, size + 1) if size % f == 0), 1)
-    options = []
-    if factor > 1:
-        options.append(f"--set train.batch_size={size // factor} --set train.gradient_accumulation_steps="
-                       f"{accumulation * factor} (same effective batch of {size * accumulation * world_size})")
-    if not train_config.gradient_checkpointing:
-        options.append("--set train.gradient_checkpointing=true")
-    options.append("a smaller tokenize.max_length")
-    return (f"training ran out of {device} memory with train.batch_size={size} examples per device of up to "
-            f"{max_length} tokens; retry with {', or '.join(options)}")
-
-
-def run_fingerprint(data: str, model_config: ModelConfig, train_config: TrainConfig, world_size: int) -> str:
-    """Give back the identity of one training trajectory: a checkpoint resumes only into the same one."""
-    train = {k: v for k, v in train_config.model_dump(mode="json").items() if k not in _TRAJECTORY_FREE}
-    payload = {"data": data, "model": model_config.model_dump(mode="json"), "train": train, "world_size": world_size}
-    return sha256_text(canonical_json(payload))[:16]
-
-
-def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
-    """Give back a content hash of tokenized rows (for callers that have no artifact sha256 to offer)."""
-    digest = hashlib.sha256()
-    for row in rows:
-        for key in ("input_ids", "labels", "position_ids"):
-            digest.update(repr(list(row.get(key) or ())).encode())
-    return digest.hexdigest()[:16]
-
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def mark_checkpoint_complete(folder: Path, fingerprint: str, step: int, final: bool) -> None:
-    """Write the mark that makes a Trainer checkpoint folder resumable, atomically and after its files.
-
-    Trainer writes checkpoint files in place; a kill -9 can leave a folder with some of them. The
-    mark lists every file's size and is renamed into place last, so only a whole checkpoint has one.
-    """
-    _fsync_tree(folder)
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    mark = {"fingerprint": fingerprint, "global_step": step, "final": final, "files": files}
-    write_text_atomically(folder / CHECKPOINT_MARK, json.dumps(mark))
-
-
-def _read_mark(folder: Path) -> dict[str, Any] | None:
-    return verified_listing(folder / CHECKPOINT_MARK, lambda file: file.stat().st_size)
-
-
-def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-    """Give back the newest complete checkpoint for this run, after removing half-written ones.
-
-    Raises CheckpointError when the newest complete checkpoint belongs to another run: resuming
-    it would silently train the wrong thing.
-    """
-    if not checkpoint_dir.is_dir():
-        return None
-    found = []
-    for folder in checkpoint_dir.glob("checkpoint-*"):
-        mark = _read_mark(folder)
-        if mark is None:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            found.append((mark["global_step"], folder, mark))
-    if not found:
-        return None
-    _, folder, mark = max(found, key=lambda item: item[0])
-    if mark["fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"checkpoint {folder} was made for other data or training settings (run {mark['fingerprint']}, "
-            f"this run {fingerprint}); delete {checkpoint_dir} to start over"
-        )
-    return folder, mark
 
 
 def _progress_callback(logger: logging.Logger | None, max_seconds: float | None, checkpoint_dir: Path, fingerprint: str,
@@ -360,6 +260,8 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
                    checkpoint_dir: Path | None = None, data_fingerprint: str | None = None,
                    callbacks: list[Any] = ()) -> dict[str, Any]:
     """Train on the train split of a tokenize artifact; give back the figures for the manifest."""
+    tokenized, out = Path(tokenized), Path(out)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     names = pq.read_schema(layout.data_file(tokenized)).names
     columns = ["split", "input_ids", "labels"] + (["position_ids"] if "position_ids" in names else [])
     table = pq.read_table(layout.data_file(tokenized), columns=columns)
@@ -377,6 +279,20 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
     return {"rows": len(rows), **figures}
 
 
+def write_finetune_in_processes(config: dict[str, Any], tokenized: Path, out: Path, logger: logging.Logger,
+                                checkpoint_dir: Path, data_fingerprint: str) -> dict[str, Any]:
+    """Train with train.nproc_per_node processes (x train.nnodes hosts) under torchrun; rank 0 writes `out`."""
+    from toolkit.launcher import launch
+
+    train = TrainConfig(**config["train"])
+    logger.info("launching %d training processes per host on %d host(s) (torch.distributed.run)",
+                train.nproc_per_node, train.nnodes)
+    kwargs = {"config": config, "tokenized": str(tokenized), "out": str(out), "checkpoint_dir": str(checkpoint_dir),
+              "data_fingerprint": data_fingerprint}
+    return launch("tasks.finetune:write_finetune", kwargs, train.nproc_per_node, train.nnodes, train.rdzv_endpoint,
+                  echo=logger.info)
+
+
 @task(**step_task_options(STEP))
 def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef) -> ArtifactRef:
     """Prefect task: the fine-tuned model artifact for this tokenized data and config."""
@@ -384,9 +300,11 @@ def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef) -> Artif
 
     logger = get_run_logger()
     checkpoints = checkpoint_dir_for(config, root, tokenized)
+    train = TrainConfig(**config["train"])
+    write = write_finetune_in_processes if train.nproc_per_node * train.nnodes > 1 else write_finetune
     ref, built = STEP.produce(
-        config, root, [tokenized],
-        lambda out, inputs: write_finetune(config, inputs[0], out, logger, checkpoints, tokenized.sha256))
+        config, root, [tokenized], lambda out, inputs: write(config, inputs[0], out, logger, checkpoints,
+                                                             tokenized.sha256))
     # Once the model is published the checkpoints have done their job; a crash before this line
     # leaves them for the rerun, which then resumes from the final one.
     shutil.rmtree(checkpoints, ignore_errors=True)

@@ -61,7 +61,8 @@ def _finetune_in_capped_process(root: Path, tokenized: ArtifactRef, batch_size: 
 
 
 def test_a_batch_that_cannot_fit_fails_with_one_line_naming_a_smaller_batch(tmp_path):
-    from tasks.finetune import CHECKPOINT_MARK, STEP
+    from tasks.finetune import STEP
+    from toolkit.checkpoints import CHECKPOINT_MARK
 
     tokenized = tokenized_artifact(tmp_path / "artifacts")
 
@@ -93,7 +94,8 @@ def _main(raw: str) -> None:
     import transformers  # noqa: F401
     from datasets import Dataset  # noqa: F401
 
-    from tasks.finetune import STEP, TrainingOutOfMemory, write_finetune
+    from tasks.finetune import STEP, write_finetune
+    from toolkit.checkpoints import TrainingOutOfMemory
     from toolkit.tokenizer import gpt2_tokenizer
 
     gpt2_tokenizer()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from catalog.config import ModelConfig, TrainConfig
-from tasks.finetune import CHECKPOINT_MARK, CheckpointError, resumable_checkpoint, train_model
+from tasks.finetune import train_model
 from tests.conftest import REPO
+from toolkit.checkpoints import CHECKPOINT_MARK, CheckpointError, resumable_checkpoint
 from toolkit.tokenizer import IGNORE_INDEX
 
 STEPS = 24

@@ -31,8 +31,8 @@ from benchmarks.bench_faults import (
 )
 from catalog.config import STEPS
 from catalog.store import MANIFEST, ArtifactError, ArtifactStore
-from tasks.finetune import CHECKPOINT_MARK
 from tests.conftest import REPO, tiny_overrides
+from toolkit.checkpoints import CHECKPOINT_MARK
 
 FREEZE_AT = "ITUNE_TEST_FREEZE_AT"  # read only by this module's __main__, never by itune itself
 FREEZE_MARKER = "ITUNE_TEST_FREEZE_MARKER"
