@@ -10,7 +10,8 @@ so the usual 6N + 12·L·d·T FLOPs per token counts exactly what runs:
 2. the same with torch.compile on;
 3. the same weights as a `save_pretrained` folder model (the Hub path), compile on;
 4. all GPUs of the machine through `train.nproc_per_node` (torchrun, NCCL), compile on.
-Throughput is taken between the 10th step (half way for shorter runs) and the last, so start-up and compilation do not count.
+Throughput is taken between the 10th step (half way for shorter runs) and the last, so start-up and
+compilation do not count.
 MFU = achieved FLOPs/s per GPU / the card's dense bf16 peak (table below; unknown cards are reported
 without MFU). Not a test: it prints figures and, with --write, replaces "## GPU training" in RESULTS.md.
 """

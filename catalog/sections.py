@@ -161,7 +161,10 @@ class TemplateConfig(Section):
 class TokenizeConfig(Section):
     max_length: PositiveInt = 128
     batch_size: PositiveInt = 1000
-    packing: bool = Field(False, description="pack train examples into max_length blocks (val/test stay unpacked)")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="pack train examples into max_length blocks (val/test stay unpacked); auto: when "
+                            "padding a random batch to its longest row would waste at least min_packing_waste")
+    min_packing_waste: float = Field(0.4, ge=0, le=1, description="auto packing: the padding share that makes it pay")
     max_truncated_share: float = Field(0.5, ge=0, le=1)
     min_train_rows: PositiveInt = 1
     min_eval_rows: int = Field(1, ge=0, description="rows each of val and test must have")

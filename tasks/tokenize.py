@@ -187,6 +187,28 @@ def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: 
 STEP = Step("tokenize", __name__, libraries=("tokenizers", "transformers", "pyarrow"))
 
 
+def decide_packing(config: TokenizeConfig, templated: Path) -> tuple[bool, str]:
+    """Give back (whether to pack the train split, why), deciding `packing: auto` from the templated text.
+
+    A random batch padded to its longest row wastes about 1 - mean/p95 of its tokens; packing pays when
+    that share reaches `min_packing_waste`. Lengths are estimated from characters (about 4 per GPT-2
+    token), so the decision costs one pass over two string columns, not a tokenization.
+    """
+    if config.packing != "auto":
+        return bool(config.packing), f"tokenize.packing={str(config.packing).lower()}"
+    table = pq.read_table(layout.data_file(templated), columns=["split", "prompt", "completion"],
+                          filters=[("split", "=", "train")])
+    if table.num_rows == 0:
+        return False, "auto: no train rows"
+    chars = pc.add(pc.utf8_length(table["prompt"]), pc.utf8_length(table["completion"])).to_numpy()
+    tokens = np.minimum(chars / 4.0, config.max_length)
+    waste = 1 - float(tokens.mean()) / max(float(np.quantile(tokens, 0.95)), 1.0)
+    verdict = waste >= config.min_packing_waste
+    compared = ">=" if verdict else "<"
+    return verdict, (f"auto: a padded batch would waste about {waste:.0%} of its tokens ({compared} "
+                     f"{config.min_packing_waste:.0%}): {'packed' if verdict else 'not packed'}")
+
+
 def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: RunnerConfig | None = None
                    ) -> dict[str, Any]:
     """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics.
@@ -195,6 +217,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
     source = pq.ParquetFile(layout.data_file(templated), pre_buffer=False)
+    packing, packing_reason = decide_packing(config, templated)
+    config = config.model_copy(update={"packing": packing})
     schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
     examples = truncated = zero_target = 0
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
@@ -229,6 +253,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
         "min_label": token_range[2], "max_label": token_range[3],
         **{f"{name}_rows": int(splits.get(name, 0)) for name in ("train", "val", "test")},
     }
+    stats["packing"], stats["packing_reason"] = bool(config.packing), packing_reason
     if config.packing:
         train = written[written["split"] == "train"]
         stats["packed_examples"] = state.get("examples", 0)
