@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared data folder {SHARED_DATA} is missing; clone the project beside ../shared")
     return SHARED_DATA
+
+
+def _folder(parent: Path, prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+@pytest.fixture
+def ingest_frames(tmp_path):
+    """Give back a function: DataConfig -> (rows, quarantine), as write_ingest wrote them to a fresh folder."""
+    import pandas as pd
+
+    from catalog import layout
+    from tasks.ingest import write_ingest
+
+    def run(config, **options):
+        out = _folder(tmp_path, "ingest")
+        write_ingest(config, out, **options)
+        return layout.read_data(out).to_pandas(), pd.read_parquet(layout.quarantine_file(out))
+
+    return run
+

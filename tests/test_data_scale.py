@@ -23,7 +23,7 @@ from tasks.clean import (
     token_counts,
     write_clean,
 )
-from tasks.ingest import _ingest_batches, ingest_source, write_ingest
+from tasks.ingest import write_ingest
 from tasks.template import apply_template, write_template
 from tasks.tokenize import fit_example, fit_lengths, tokenize_batch
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
@@ -174,18 +174,19 @@ def test_streamed_clean_equals_clean_rows_and_is_byte_identical_on_rerun(tmp_pat
     assert outputs[0] == outputs[1]
 
 
-def test_ingest_batches_keep_caps_and_weights_across_batch_boundaries(tmp_path):
+def test_ingest_batches_keep_caps_and_weights_across_batch_boundaries(tmp_path, ingest_frames):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"do {i}", "output": f"done {i}"}) + "\n" for i in range(50)))
-    whole, _ = ingest_source(DataConfig(source=str(path), max_rows=23))
+    whole, _ = ingest_frames(DataConfig(source=str(path), max_rows=23))
     for batch_rows in (1, 4, 7, 100):
-        per_source: list = []
-        batches = list(_ingest_batches(DataConfig(source=str(path), max_rows=23), [], per_source, batch_rows))
-        assert pa.Table.from_batches(batches).to_pandas().equals(whole)
-        assert per_source == [{"source": str(path), "rows_read": 50, "rows_kept": 50}]
+        out = tmp_path / f"ingest{batch_rows}"
+        out.mkdir()
+        stats = write_ingest(DataConfig(source=str(path), max_rows=23), out, batch_rows)
+        assert pd.read_parquet(out / "data.parquet").equals(whole)
+        assert stats["sources"] == [{"source": str(path), "rows_read": 50, "rows_kept": 50}]
     sources = [{"source": str(path), "weight": 0.5, "max_rows": 9}, {"source": str(path), "max_rows": 3}]
-    once = pa.Table.from_batches(list(_ingest_batches(DataConfig(sources=sources), [], [], 1000))).to_pandas()
-    small = pa.Table.from_batches(list(_ingest_batches(DataConfig(sources=sources), [], [], 2))).to_pandas()
+    once, _ = ingest_frames(DataConfig(sources=sources), batch_rows=1000)
+    small, _ = ingest_frames(DataConfig(sources=sources), batch_rows=2)
     assert once.equals(small) and len(once) == 12
 
 
