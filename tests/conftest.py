@@ -68,3 +68,22 @@ def ingest_frames(tmp_path):
 
     return run
 
+
+@pytest.fixture
+def clean_frames(tmp_path):
+    """Give back a function: (ingested rows, CleanConfig) -> (kept rows, dropped rows), as write_clean wrote them."""
+    import pandas as pd
+
+    from catalog import layout
+    from tasks.clean import write_clean
+    from tasks.ingest import QUARANTINE_COLUMNS
+
+    def run(frame, config, **options):
+        ingested = _folder(tmp_path, "ingest")
+        frame.to_parquet(layout.data_file(ingested), index=False)
+        pd.DataFrame(columns=QUARANTINE_COLUMNS).to_parquet(layout.quarantine_file(ingested))
+        out = _folder(tmp_path, "clean")
+        write_clean(config, ingested, out, **options)
+        return layout.read_data(out).to_pandas(), pd.read_parquet(layout.quarantine_file(out))
+
+    return run

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig
-from tasks.clean import clean_rows, normalize_text, write_clean
+from tasks.clean import normalize_text, write_clean
 from tasks.ingest import IngestError, write_ingest
 from tasks.template import apply_template, split_of
 from tasks.tokenize import fit_example, write_tokenize
@@ -78,13 +78,13 @@ def test_normalize_text_removes_invisible_control_and_html():
     assert normalize_text("ﬁne\u200b  text\x07<br>more &amp; less ") == "fine text more & less"
 
 
-def test_clean_quarantines_every_dropped_row_with_a_reason():
+def test_clean_quarantines_every_dropped_row_with_a_reason(clean_frames):
     frame = pd.DataFrame({
         "id": ["1", "2", "3", "4"], "instruction": ["Do it", "  ", "Do it", "Other"],
         "input": ["", "", "", ""], "response": ["ok", "ok", "ok", " \u200b "],
         "source": ["s"] * 4, "category": ["c"] * 4, "messages": [""] * 4,
     })
-    kept, dropped = clean_rows(frame, CleanConfig())
+    kept, dropped = clean_frames(frame, CleanConfig())
     assert list(kept["id"]) == ["1"]
     assert dict(zip(dropped["id"], dropped["reason"], strict=True)) == {
         "2": "empty_instruction", "3": "exact_duplicate", "4": "empty_response"}
