@@ -13,6 +13,8 @@ import pyarrow.compute as pc
 
 from catalog.sections import CleanConfig
 
+# numpy, not datasketch: a whole batch's signatures in one matrix operation, not a MinHash object updated per row
+
 TEXT_FIELDS = ("instruction", "input", "response")
 _NON_WORD = re.compile(r"\W+")
 
