@@ -7,9 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog.config import CleanConfig, ConfigError, TemplateConfig, TokenizeConfig, load_config
+from catalog.store import MANIFEST, ArtifactRef
+from data_checks.gate import raise_if_blocked
 from tasks.clean import write_clean
 from tasks.template import apply_template
-from tasks.tokenize import write_tokenize
+from tasks.tokenize import TokenizeGateFailed, write_tokenize
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 STORY = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old red barn "
@@ -171,3 +173,8 @@ def test_tokenize_gate_blocks_rows_without_target_tokens(tmp_path):
     assert "expect_column_values_to_be_between on 'n_target'" in stats["failure"]
     assert "\n" not in stats["failure"]
     assert (out / "data_docs" / "index.html").is_file()
+    (out / MANIFEST).write_text(json.dumps(stats))  # the fields of the manifest the step writes around these stats
+    ref = ArtifactRef(step="tokenize", key="0" * 64, uri=str(out), rows=stats["rows"], sha256="0" * 64)
+    with pytest.raises(TokenizeGateFailed) as blocked:
+        raise_if_blocked(ref, TokenizeGateFailed, "tokenized data failed its checks")
+    assert str(blocked.value) == f"{stats['failure']}. Data Docs: {(out / 'data_docs' / 'index.html').as_uri()}"
