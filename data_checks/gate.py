@@ -6,13 +6,26 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+from catalog import layout
+
+if TYPE_CHECKING:
+    from catalog.store import ArtifactRef
 
 
 class GateFailed(RuntimeError):
     """A blocking expectation failed; the message lists which, what was observed, and the Data Docs link."""
+
+
+def raise_if_blocked(ref: ArtifactRef, error: type[GateFailed], fallback: str) -> None:
+    """Raise `error` when a gated artifact's manifest says a blocking check failed: which, and its Data Docs link."""
+    manifest = ref.manifest()
+    if not manifest.get("passed", False):
+        docs = layout.data_docs_index(ref.path)
+        raise error(f"{manifest.get('failure', fallback)}. Data Docs: {docs.as_uri()}")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from catalog.keys import sha256_text
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
-from data_checks.gate import GateFailed, run_suites
+from data_checks.gate import GateFailed, raise_if_blocked, run_suites
 from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
 from toolkit.runner import map_batches
 from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
@@ -278,9 +278,5 @@ def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef, runner: 
     """
     ref, built = STEP.produce(config, root, [templated], lambda out, inputs: write_tokenize(
         TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
-    manifest = ref.manifest()
-    if not manifest.get("passed", False):
-        docs = layout.data_docs_index(ref.path)
-        raise TokenizeGateFailed(f"{manifest.get('failure', 'tokenized data failed its checks')}. "
-                                 f"Data Docs: {docs.as_uri()}")
+    raise_if_blocked(ref, TokenizeGateFailed, "tokenized data failed its checks")
     return finish_step(root, ref, built)

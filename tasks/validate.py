@@ -24,7 +24,7 @@ from catalog.sections import ValidateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from data_checks.clean_suite import clean_ids_expectations, clean_rows_expectations, clean_summary_expectations
-from data_checks.gate import GateFailed, GateReport, run_suites
+from data_checks.gate import GateFailed, GateReport, raise_if_blocked, run_suites
 
 
 class ValidationFailed(GateFailed):
@@ -104,8 +104,5 @@ def validate(config: dict[str, Any], root: str, cleaned: ArtifactRef) -> Artifac
     """Prefect task: the validate artifact; raises ValidationFailed when a blocking check fails."""
     ref, built = STEP.produce(config, root, [cleaned],
                               lambda out, inputs: write_validate(ValidateConfig(**config), inputs[0], out))
-    manifest = ref.manifest()
-    if not manifest.get("passed", False):
-        docs = layout.data_docs_index(ref.path)
-        raise ValidationFailed(f"{manifest.get('failure', 'validation failed')}. Data Docs: {docs.as_uri()}")
+    raise_if_blocked(ref, ValidationFailed, "validation failed")
     return finish_step(root, ref, built)

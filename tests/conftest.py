@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,43 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared data folder {SHARED_DATA} is missing; clone the project beside ../shared")
     return SHARED_DATA
+
+
+def _folder(parent: Path, prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+@pytest.fixture
+def ingest_frames(tmp_path):
+    """Give back a function: DataConfig -> (rows, quarantine), as write_ingest wrote them to a fresh folder."""
+    import pandas as pd
+
+    from catalog import layout
+    from tasks.ingest import write_ingest
+
+    def run(config, **options):
+        out = _folder(tmp_path, "ingest")
+        write_ingest(config, out, **options)
+        return layout.read_data(out).to_pandas(), pd.read_parquet(layout.quarantine_file(out))
+
+    return run
+
+
+@pytest.fixture
+def clean_frames(tmp_path):
+    """Give back a function: (ingested rows, CleanConfig) -> (kept rows, dropped rows), as write_clean wrote them."""
+    import pandas as pd
+
+    from catalog import layout
+    from tasks.clean import write_clean
+    from tasks.ingest import QUARANTINE_COLUMNS
+
+    def run(frame, config, **options):
+        ingested = _folder(tmp_path, "ingest")
+        frame.to_parquet(layout.data_file(ingested), index=False)
+        pd.DataFrame(columns=QUARANTINE_COLUMNS).to_parquet(layout.quarantine_file(ingested))
+        out = _folder(tmp_path, "clean")
+        write_clean(config, ingested, out, **options)
+        return layout.read_data(out).to_pandas(), pd.read_parquet(layout.quarantine_file(out))
+
+    return run

@@ -7,9 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog.config import CleanConfig, ConfigError, TemplateConfig, TokenizeConfig, load_config
-from tasks.clean import clean_rows, write_clean
+from catalog.store import MANIFEST, ArtifactRef
+from data_checks.gate import raise_if_blocked
+from tasks.clean import write_clean
 from tasks.template import apply_template
-from tasks.tokenize import write_tokenize
+from tasks.tokenize import TokenizeGateFailed, write_tokenize
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 STORY = ("the quick brown fox jumps over the lazy dog while the farmer watches from the old red barn "
@@ -22,7 +24,7 @@ def _frame(rows):
     return pd.DataFrame(rows)
 
 
-def test_clean_drops_near_duplicates_and_token_bounds_with_reasons(tmp_path):
+def test_clean_drops_near_duplicates_and_token_bounds_with_reasons(tmp_path, clean_frames):
     frame = _frame([
         {"instruction": "Summarise the story.", "input": STORY, "response": "A fox and a farm."},
         {"instruction": "Summarise the story.", "input": STORY, "response": "A fox and a farm!"},
@@ -30,13 +32,13 @@ def test_clean_drops_near_duplicates_and_token_bounds_with_reasons(tmp_path):
         {"instruction": "Count", "input": "", "response": "word " * 40},
         {"instruction": "Write about cats.", "input": "", "response": "Cats sleep a lot and purr when content."},
     ])
-    kept, dropped = clean_rows(frame, CleanConfig(max_response_tokens=30))
+    kept, dropped = clean_frames(frame, CleanConfig(max_response_tokens=30))
     reasons = dict(zip(dropped["id"], dropped["reason"], strict=True))
     assert reasons == {"1": "near_duplicate", "2": "exact_duplicate", "3": "response_too_many_tokens"}
     assert dropped.set_index("id").loc["1", "detail"] == "near duplicate of 0"
     assert dropped.set_index("id").loc["3", "detail"] == "40 tokens > 30"
     assert kept["id"].tolist() == ["0", "4"]
-    loose, _ = clean_rows(frame, CleanConfig(drop_near_duplicates=False, max_response_tokens=30))
+    loose, _ = clean_frames(frame, CleanConfig(drop_near_duplicates=False, max_response_tokens=30))
     assert "1" in set(loose["id"])  # only the MinHash check removed it
     ingest = tmp_path / "ingest"
     ingest.mkdir()
@@ -50,28 +52,28 @@ def test_clean_drops_near_duplicates_and_token_bounds_with_reasons(tmp_path):
     assert len(pd.read_parquet(out / "quarantine.parquet")) == 3
 
 
-def test_optional_script_filter_drops_mostly_non_latin_rows():
+def test_optional_script_filter_drops_mostly_non_latin_rows(clean_frames):
     frame = _frame([{"instruction": "Translate", "response": "Bonjour à tous"},
                     {"instruction": "翻訳してください", "response": "こんにちは世界"}])
-    assert len(clean_rows(frame, CleanConfig())[0]) == 2
-    kept, dropped = clean_rows(frame, CleanConfig(language="latin"))
+    assert len(clean_frames(frame, CleanConfig())[0]) == 2
+    kept, dropped = clean_frames(frame, CleanConfig(language="latin"))
     assert kept["id"].tolist() == ["0"] and dropped["reason"].tolist() == ["other_script"]
 
 
-def test_end_of_text_markers_are_stripped_from_response_ends_and_quarantined_elsewhere():
+def test_end_of_text_markers_are_stripped_from_response_ends_and_quarantined_elsewhere(clean_frames):
     frame = _frame([
         {"instruction": "Is it positive?", "response": "positive<|endoftext|>"},  # as every T0 completion ends
         {"instruction": "Say no", "response": "no <|endoftext|><|endoftext|>\n"},
         {"instruction": "Two <|endoftext|> parts", "response": "ok"},
         {"instruction": "Nothing", "response": "<|endoftext|>"},
     ])
-    kept, dropped = clean_rows(frame, CleanConfig())
+    kept, dropped = clean_frames(frame, CleanConfig())
     assert kept["response"].tolist() == ["positive", "no"]
     assert dropped["reason"].tolist() == ["end_of_text_in_text", "empty_response"]
     assert dropped["detail"].iloc[0].startswith("instruction holds <|endoftext|>")
 
 
-def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_ones():
+def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_ones(clean_frames):
     frame = _frame([
         {"instruction": "Give three tips for staying healthy.", "response": "Eat well, sleep enough and move daily."},
         {"instruction": "Gib drei Tipps, um gesund zu bleiben.", "response": "Iss gut, schlafe genug und bewege dich."},
@@ -79,11 +81,11 @@ def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_
          "response": "Mange bien, dors assez et bouge chaque jour."},
         {"instruction": "Sort: 5 3 9 1", "response": "1 3 5 9"},  # no language to speak of: kept
     ])
-    kept, dropped = clean_rows(frame, CleanConfig(language="en"))
+    kept, dropped = clean_frames(frame, CleanConfig(language="en"))
     assert kept["id"].tolist() == ["0", "3"]
     assert dropped["reason"].tolist() == ["other_language"] * 2
     assert [detail.split(" ")[0] for detail in dropped["detail"]] == ["de", "fr"]
-    assert len(clean_rows(frame, CleanConfig(language="en,de"))[0]) == 3
+    assert len(clean_frames(frame, CleanConfig(language="en,de"))[0]) == 3
     with pytest.raises(ValueError, match="clean.language: xx is not"):
         CleanConfig(language="en,xx")
 
@@ -171,3 +173,8 @@ def test_tokenize_gate_blocks_rows_without_target_tokens(tmp_path):
     assert "expect_column_values_to_be_between on 'n_target'" in stats["failure"]
     assert "\n" not in stats["failure"]
     assert (out / "data_docs" / "index.html").is_file()
+    (out / MANIFEST).write_text(json.dumps(stats))  # the fields of the manifest the step writes around these stats
+    ref = ArtifactRef(step="tokenize", key="0" * 64, uri=str(out), rows=stats["rows"], sha256="0" * 64)
+    with pytest.raises(TokenizeGateFailed) as blocked:
+        raise_if_blocked(ref, TokenizeGateFailed, "tokenized data failed its checks")
+    assert str(blocked.value) == f"{stats['failure']}. Data Docs: {(out / 'data_docs' / 'index.html').as_uri()}"

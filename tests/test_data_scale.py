@@ -12,20 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig
-from tasks.clean import (
-    clean_rows,
-    lsh_bands,
-    minhash_signatures,
-    near_duplicates,
-    normalize_text,
-    shingle_hashes,
-    token_count_bounds,
-    token_counts,
-    write_clean,
-)
-from tasks.ingest import _ingest_batches, ingest_source, write_ingest
+from tasks.clean import normalize_text, token_count_bounds, token_counts, write_clean
+from tasks.ingest import write_ingest
 from tasks.template import apply_template, write_template
 from tasks.tokenize import fit_example, fit_lengths, tokenize_batch
+from toolkit.dedup import Duplicates, lsh_bands, minhash_signatures, shingle_hashes
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 
@@ -60,7 +51,7 @@ def test_token_count_bounds_hold_so_untokenized_rows_are_decided_correctly():
     assert all(lo <= n <= up for lo, n, up in zip(lower, exact, upper, strict=True))
 
 
-def test_token_limits_give_the_same_reasons_as_counting_every_row():
+def test_token_limits_give_the_same_reasons_as_counting_every_row(clean_frames):
     rng = random.Random(1)
     words = ["alpha", "beta", "x", "!!", "日本", "1234", "naïve", "<|user|>"]
     rows = [{"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(1, 60))),
@@ -69,7 +60,7 @@ def test_token_limits_give_the_same_reasons_as_counting_every_row():
                           for i, r in enumerate(rows)])
     config = CleanConfig(max_prompt_tokens=40, max_response_tokens=20, min_response_tokens=5,
                          drop_exact_duplicates=False, drop_near_duplicates=False)
-    _, dropped = clean_rows(frame, config)
+    _, dropped = clean_frames(frame, config)
     prompts = token_counts([normalize_text(r["instruction"]) + "\n" for r in rows])
     answers = token_counts([normalize_text(r["response"]) for r in rows])
     expected = {}
@@ -120,15 +111,26 @@ def test_lsh_bands_find_pairs_at_the_threshold(threshold, num_perm):
 PASSAGE = " ".join(f"w{i}" for i in range(120))
 
 
+def _near_duplicates(texts, responses, alive):
+    """Give back {row: earlier row} as clean's duplicate finder marks near duplicates among the `alive` rows."""
+    frame = pd.DataFrame({"id": [str(i) for i in range(len(texts))], "instruction": texts, "input": "",
+                          "response": responses})
+    duplicates = Duplicates(CleanConfig(drop_exact_duplicates=False))
+    duplicates.add(frame, pd.Series(["" if keep else "empty_response" for keep in alive]))
+    marks = duplicates.finish(lambda rows: frame["response"].iloc[rows].tolist())
+    assert {reason for reason, _ in marks.values()} <= {"near_duplicate"}
+    return {row: int(detail.removeprefix("near duplicate of ")) for row, (_, detail) in marks.items()}
+
+
 def test_near_duplicates_need_the_same_answer_and_name_the_earliest_row():
     texts = [f"question one? {PASSAGE}", f"question two? {PASSAGE}", f"question one, please? {PASSAGE}",
              f"question one? {PASSAGE}", "short text here"]
     responses = ["Paris", "Rome", "paris.", "Paris", "x"]
-    found = near_duplicates(texts, [True] * 5, CleanConfig(), responses)
+    found = _near_duplicates(texts, responses, [True] * 5)
     # row 1 asks something else about the same passage and keeps its own answer; 2 and 3 repeat row 0
     assert found == {2: 0, 3: 0}
-    assert near_duplicates(texts, [True] * 5, CleanConfig()) == {1: 0, 2: 0, 3: 0}
-    assert near_duplicates(texts, [False, True, True, True, True], CleanConfig(), responses) == {3: 2}
+    assert _near_duplicates(texts, ["Paris"] * 5, [True] * 5) == {1: 0, 2: 0, 3: 0}  # the texts alone match
+    assert _near_duplicates(texts, responses, [False, True, True, True, True]) == {3: 2}
 
 
 def _frame(n, seed=0):
@@ -152,14 +154,14 @@ def _frame(n, seed=0):
                           "category": "c", "messages": ""} for i, r in enumerate(rows)])
 
 
-def test_streamed_clean_equals_clean_rows_and_is_byte_identical_on_rerun(tmp_path):
+def test_streamed_clean_equals_clean_in_one_batch_and_is_byte_identical_on_rerun(tmp_path, clean_frames):
     frame = _frame(700)
     ingest = tmp_path / "ingest"
     ingest.mkdir()
     frame.to_parquet(ingest / "data.parquet")
     pd.DataFrame(columns=["file", "row", "field", "code", "reason", "raw"]).to_parquet(ingest / "quarantine.parquet")
     config = CleanConfig(near_duplicate_min_words=8)
-    kept, dropped = clean_rows(frame, config)
+    kept, dropped = clean_frames(frame, config, batch_rows=len(frame))
     assert set(dropped["reason"]) >= {"exact_duplicate", "near_duplicate", "empty_response"}
     outputs = []
     for run, batch_rows in enumerate((64, 64, 1000)):
@@ -174,18 +176,19 @@ def test_streamed_clean_equals_clean_rows_and_is_byte_identical_on_rerun(tmp_pat
     assert outputs[0] == outputs[1]
 
 
-def test_ingest_batches_keep_caps_and_weights_across_batch_boundaries(tmp_path):
+def test_ingest_batches_keep_caps_and_weights_across_batch_boundaries(tmp_path, ingest_frames):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"do {i}", "output": f"done {i}"}) + "\n" for i in range(50)))
-    whole, _ = ingest_source(DataConfig(source=str(path), max_rows=23))
+    whole, _ = ingest_frames(DataConfig(source=str(path), max_rows=23))
     for batch_rows in (1, 4, 7, 100):
-        per_source: list = []
-        batches = list(_ingest_batches(DataConfig(source=str(path), max_rows=23), [], per_source, batch_rows))
-        assert pa.Table.from_batches(batches).to_pandas().equals(whole)
-        assert per_source == [{"source": str(path), "rows_read": 50, "rows_kept": 50}]
+        out = tmp_path / f"ingest{batch_rows}"
+        out.mkdir()
+        stats = write_ingest(DataConfig(source=str(path), max_rows=23), out, batch_rows)
+        assert pd.read_parquet(out / "data.parquet").equals(whole)
+        assert stats["sources"] == [{"source": str(path), "rows_read": 50, "rows_kept": 50}]
     sources = [{"source": str(path), "weight": 0.5, "max_rows": 9}, {"source": str(path), "max_rows": 3}]
-    once = pa.Table.from_batches(list(_ingest_batches(DataConfig(sources=sources), [], [], 1000))).to_pandas()
-    small = pa.Table.from_batches(list(_ingest_batches(DataConfig(sources=sources), [], [], 2))).to_pandas()
+    once, _ = ingest_frames(DataConfig(sources=sources), batch_rows=1000)
+    small, _ = ingest_frames(DataConfig(sources=sources), batch_rows=2)
     assert once.equals(small) and len(once) == 12
 
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig
-from tasks.clean import clean_rows, normalize_text, write_clean
-from tasks.ingest import IngestError, ingest_source, write_ingest
+from tasks.clean import normalize_text, write_clean
+from tasks.ingest import IngestError, write_ingest
 from tasks.template import apply_template, split_of
 from tasks.tokenize import fit_example, write_tokenize
 from tasks.validate import check_clean_data, write_validate
@@ -22,8 +22,8 @@ def test_gpt2_tokenizer_is_the_real_bpe_offline():
     assert tokenizer.decode([15496, 995]) == "Hello world"
 
 
-def test_builtin_source_gives_distinct_checkable_tasks(tmp_path):
-    frame, quarantine = ingest_source(DataConfig(builtin_examples=700))
+def test_builtin_source_gives_distinct_checkable_tasks(tmp_path, ingest_frames):
+    frame, quarantine = ingest_frames(DataConfig(builtin_examples=700))
     assert len(frame) == 700 and quarantine.empty
     assert frame["id"].is_unique
     assert frame["category"].nunique() >= 6
@@ -50,9 +50,9 @@ def test_ingest_writes_parquet_and_quarantines_bad_lines_with_file_and_row(tmp_p
     assert set(quarantine["file"]) == {str(source)}
 
 
-def test_ingest_reads_the_real_self_instruct_seed_tasks(shared_data):
+def test_ingest_reads_the_real_self_instruct_seed_tasks(shared_data, ingest_frames):
     path = shared_data / "self-instruct" / "seed_tasks.jsonl"
-    frame, quarantine = ingest_source(DataConfig(source=str(path)))
+    frame, quarantine = ingest_frames(DataConfig(source=str(path)))
     tasks = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     instances = sum(len(t["instances"]) for t in tasks)
     assert len(tasks) == 175
@@ -61,30 +61,30 @@ def test_ingest_reads_the_real_self_instruct_seed_tasks(shared_data):
     assert (frame["instruction"].str.len() > 0).all()
 
 
-def test_ingest_reads_real_prompt_completion_files(shared_data):
+def test_ingest_reads_real_prompt_completion_files(shared_data, ingest_frames):
     folder = shared_data / "self-instruct" / "t0_train_50k"
     first = sorted(folder.glob("*.jsonl"))[0]
-    frame, _ = ingest_source(DataConfig(source=str(first)))
+    frame, _ = ingest_frames(DataConfig(source=str(first)))
     assert len(frame) > 0
     assert frame["category"].iloc[0] == first.name.split(".")[0]
 
 
-def test_missing_source_is_a_one_line_error(tmp_path):
+def test_missing_source_is_a_one_line_error(tmp_path, ingest_frames):
     with pytest.raises(IngestError, match="no such file or folder"):
-        ingest_source(DataConfig(source=str(tmp_path / "missing.jsonl")))
+        ingest_frames(DataConfig(source=str(tmp_path / "missing.jsonl")))
 
 
 def test_normalize_text_removes_invisible_control_and_html():
     assert normalize_text("ﬁne\u200b  text\x07<br>more &amp; less ") == "fine text more & less"
 
 
-def test_clean_quarantines_every_dropped_row_with_a_reason():
+def test_clean_quarantines_every_dropped_row_with_a_reason(clean_frames):
     frame = pd.DataFrame({
         "id": ["1", "2", "3", "4"], "instruction": ["Do it", "  ", "Do it", "Other"],
         "input": ["", "", "", ""], "response": ["ok", "ok", "ok", " \u200b "],
         "source": ["s"] * 4, "category": ["c"] * 4, "messages": [""] * 4,
     })
-    kept, dropped = clean_rows(frame, CleanConfig())
+    kept, dropped = clean_frames(frame, CleanConfig())
     assert list(kept["id"]) == ["1"]
     assert dict(zip(dropped["id"], dropped["reason"], strict=True)) == {
         "2": "empty_instruction", "3": "exact_duplicate", "4": "empty_response"}
