@@ -53,3 +53,28 @@ def test_right_padding_of_packed_rows_changes_no_real_token():
         alone = pad_batch([short], 50256)
         single = model(**{k: v for k, v in alone.items() if k != "labels"}, use_cache=False).logits[0]
     assert torch.allclose(padded, single, atol=1e-5)
+
+
+def _templated(folder, completions):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catalog import layout
+
+    folder.mkdir()
+    rows = [{"split": "train", "prompt": "Instruction: answer.\nResponse:", "completion": text} for text in completions]
+    pq.write_table(pa.Table.from_pylist(rows), layout.data_file(folder))
+    return folder
+
+
+def test_auto_packing_packs_rows_of_varied_length_and_leaves_even_ones_alone(tmp_path):
+    from catalog.sections import TokenizeConfig
+    from tasks.tokenize import decide_packing
+
+    config = TokenizeConfig(max_length=512)
+    varied = _templated(tmp_path / "varied", ["short"] * 90 + ["long " * 400] * 10)
+    even = _templated(tmp_path / "even", [f"answer number {i}" for i in range(100)])
+    assert decide_packing(config, varied)[0] is True
+    packed, reason = decide_packing(config, even)
+    assert packed is False and "not packed" in reason
+    assert decide_packing(TokenizeConfig(packing=False), varied) == (False, "tokenize.packing=false")
