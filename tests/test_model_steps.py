@@ -72,3 +72,18 @@ def test_exact_match_normalises_spaces_and_full_stop_but_keeps_case():
     assert normalize_answer("  1 2   3. ") == "1 2 3"
     assert normalize_answer("CAT") != normalize_answer("cat")
     assert EvalConfig().max_new_tokens > 0
+
+
+def test_lora_trains_adapters_only_and_publishes_a_plain_merged_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    settings = TrainConfig(max_steps=6, batch_size=8, learning_rate=1e-2, save_steps=0, logging_steps=2, peft="lora")
+    figures = train_model(_rows(), ModelConfig(name="scratch:tiny"), settings, tmp_path, tmp_path / "checkpoints")
+    assert 0 < figures["trainable_parameters"] < figures["parameters"] / 50 and figures["peft"] == "lora"
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert type(merged).__name__ == "GPT2LMHeadModel"
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = load_base_model("scratch:tiny", 0)
+    changed = [name for name, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[name])]
+    assert changed and all(any(m in name for m in ("c_attn", "c_proj", "c_fc")) for name in changed)
