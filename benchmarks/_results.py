@@ -26,3 +26,11 @@ def write_results(text: str, path: Path = RESULTS) -> None:
     end = old.find("\n## ", start)
     rest = "\n" + old[end + 1:] if end != -1 else ""
     path.write_text(old[:start] + text + rest, encoding="utf-8")
+
+
+def publish(text: str, write: bool) -> str:
+    """Print a results section and, when asked, write it into RESULTS.md; give it back."""
+    print(text)
+    if write:
+        write_results(text)
+    return text

@@ -161,12 +161,9 @@ def main(argv: list[str] | None = None) -> str:
     started = time.perf_counter()
     device, peak = card()
     text = report(run(args.tiny), device, peak, time.perf_counter() - started)
-    print(text)
-    if args.write:
-        from benchmarks._results import write_results
+    from benchmarks._results import publish
 
-        write_results(text)
-    return text
+    return publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -89,12 +89,9 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(f"| {label} | {row['trainable_parameters']:,} | {share:.2%} | {speed:,.0f} "
                      f"| {row['peak_rss_mib']:,.0f} | {row['val_loss']:.3f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks._results import write_results
+    from benchmarks._results import publish
 
-        write_results(text)
-    return text
+    return publish(text, args.write)
 
 
 if __name__ == "__main__":
