@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> str:
         speed = row["target_tokens_per_second"]
         lines.append(f"| {label} | {row['trainable_parameters']:,} | {share:.2%} | {speed:,.0f} "
                      f"| {row['peak_rss_mib']:,.0f} | {row['val_loss']:.3f} |")
+    lines += ["", "`scratch:mini` starts from random weights, which LoRA keeps frozen: its val loss says what low-rank",
+              "updates of an untrained base can do, not what they do on a pretrained GPT-2 (not available offline).",
+              "What carries over is the trainable share and the optimizer state it saves."]
     text = "\n".join(lines) + "\n"
     from benchmarks._results import publish
 
