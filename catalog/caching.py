@@ -19,6 +19,8 @@ from catalog.keys import sha256_text
 from catalog.step import Step
 from catalog.store import ArtifactRef, ArtifactStore
 
+LINEAGE_KEY = "itune-lineage"
+
 
 def _record_key(root: str, ref: ArtifactRef) -> str:
     return f"itune/{sha256_text(ArtifactStore(root).location)[:12]}/{ref.step}/{ref.key}/{ref.sha256[:16]}"
@@ -50,6 +52,8 @@ def step_task_options(step: Step) -> dict[str, Any]:
         "result_serializer": "json",
         "persist_result": True,
         "log_prints": False,
+        # a Cached task never runs its body: the hook is what still shows the reused artifact on the run
+        "on_completion": [publish_reuse],
     }
 
 
@@ -58,33 +62,107 @@ def asset_key(uri: str) -> str:
     return uri if "://" in uri else Path(uri).resolve().as_uri()
 
 
-def _publish_lineage(ref: ArtifactRef, uri: str, upstream_uris: list[str]) -> None:
-    """Emit Prefect asset events (this artifact materialized from its upstream ones) and a UI artifact.
+def ui_link(path: str) -> str:
+    """Give back a link to a Prefect UI page: under PREFECT_UI_URL when set, else relative to the UI showing it.
 
-    These are the events `prefect.assets.materialize` emits; artifact locations are only known at run
-    time (they are content keys), so the events are emitted here rather than declared on the task.
+    Relative by default because the API a run talked to (a temporary local one, a port that changed) is often
+    not where its pages are read later; any UI on the same database resolves `/runs/...` itself.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    base = settings.ui_url if "ui_url" in settings.model_fields_set and settings.ui_url else ""
+    return f"{base.rstrip('/')}{path}"
+
+
+def run_link(flow_run_id: Any, text: str | None = None) -> str:
+    """Give back a markdown link to a flow run's page, named by the id's first characters."""
+    return f"[{text or str(flow_run_id)[:8]}]({ui_link(f'/runs/flow-run/{flow_run_id}')})"
+
+
+def find_ui_artifact(key: str, containing: str, flow_run_id: Any = None) -> Any:
+    """Give back the id of the newest UI artifact with this key whose data names `containing` (this run's first)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    by_key = ArtifactFilterKey(any_=[key])
+    filters = [ArtifactFilter(key=by_key, flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))] \
+        if flow_run_id else []
+    with get_client(sync_client=True) as client:
+        for wanted in [*filters, ArtifactFilter(key=by_key)]:  # a child run (fine-tune on a pool) has its own
+            found = client.read_artifacts(artifact_filter=wanted, sort=ArtifactSort.CREATED_DESC, limit=50)
+            match = next((artifact.id for artifact in found if containing in str(artifact.data)), None)
+            if match:
+                return match
+    return None
+
+
+def artifact_link(step: str, key: str, flow_run_id: Any = None, text: str | None = None) -> str:
+    """Give back a markdown link to the step's `itune-<step>` UI artifact for this key (its history if none)."""
+    found = find_ui_artifact(f"itune-{step}", key, flow_run_id)
+    page = f"/artifacts/artifact/{found}" if found else f"/artifacts/key/itune-{step}"
+    return f"[{text or f'{step} {key[:8]}'}]({ui_link(page)})"
+
+
+def model_note(model: ArtifactRef, flow_run_id: Any) -> str:
+    """Give back a markdown line naming a model by its URI, with a link to this run's lineage artifact of it."""
+    found = find_ui_artifact(LINEAGE_KEY, model.key, flow_run_id)
+    page = f"/artifacts/artifact/{found}" if found else f"/artifacts/key/{LINEAGE_KEY}"
+    return f"\nmodel `{model.uri}` · [its lineage back to the source files]({ui_link(page)})\n"
+
+
+def _current_run() -> tuple[str | None, str | None]:
+    context = TaskRunContext.get()
+    if context is None:
+        return None, None
+    return str(context.task_run.flow_run_id or "") or None, str(context.task_run.id)
+
+
+def _publish_lineage(store: ArtifactStore, ref: ArtifactRef, manifest: dict[str, Any], reused: bool) -> None:
+    """Emit Prefect asset events for a step's artifact and publish its `itune-<step>` table artifact.
+
+    Built: the materialization event (from its upstream assets, naming the flow run and step). Reused (a cache
+    hit or an intact artifact found): a reference event, so the asset's feed lists every run that used it.
+    Artifact locations are content keys known only at run time, hence events here rather than task assets.
     """
     from prefect.artifacts import create_table_artifact
     from prefect.assets import Asset
     from prefect.context import AssetContext
     from prefect.events import emit_event
 
-    asset = Asset(key=asset_key(uri))
-    upstream = [Asset(key=asset_key(uri)) for uri in upstream_uris]
-    for parent in upstream:
-        emit_event(event="prefect.asset.referenced", resource=AssetContext.asset_as_resource(parent), related=[])
-    emit_event(
-        event="prefect.asset.materialization.succeeded",
-        resource=AssetContext.asset_as_resource(asset),
-        related=[AssetContext.asset_as_related(parent) for parent in upstream]
-        + [AssetContext.related_materialized_by("itune")],
-        payload={"step": ref.step, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256},
-    )
+    flow_run_id, task_run_id = _current_run()
+    uri = store.uri_of(ref.step, ref.key)
+    asset = AssetContext.asset_as_resource(Asset(key=asset_key(uri)))
+    inputs = manifest.get("inputs", [])
+    upstream = [Asset(key=asset_key(store.uri_of(entry["step"], entry["key"]))) for entry in inputs]
+    run = [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}] \
+        if flow_run_id else []
+    step = {"prefect.resource.id": f"itune.step.{ref.step}", "prefect.resource.role": "step",
+            "prefect.resource.name": ref.step}
+    built_by = (manifest.get("built_by") or {}).get("flow_run_id")
+    payload = {"step": ref.step, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256,
+               "flow_run_id": flow_run_id, "task_run_id": task_run_id, "built_by_flow_run_id": built_by}
+    if reused:
+        emit_event(event="prefect.asset.referenced", resource=asset, related=[*run, step], payload=payload)
+    else:
+        for parent in upstream:
+            emit_event(event="prefect.asset.referenced", resource=AssetContext.asset_as_resource(parent),
+                       related=[*run, step])
+        emit_event(event="prefect.asset.materialization.succeeded", resource=asset,
+                   related=[AssetContext.asset_as_related(parent) for parent in upstream]
+                   + [AssetContext.related_materialized_by("itune"), *run, step], payload=payload)
+    sources = [source["source"] for source in manifest.get("sources") or []]
+    origin = ", ".join(artifact_link(entry["step"], entry["key"], flow_run_id) for entry in inputs) \
+        or "source: " + ", ".join(f"`{source}`" for source in sources)
+    how = f"reused, built by run {run_link(built_by)}" if reused and built_by else \
+        "reused" if reused else "built by this run"
     create_table_artifact(
         key=f"itune-{ref.step}",
-        table=[{"artifact": asset.key, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256,
-                "upstream": ", ".join(a.key for a in upstream)}],
-        description=f"itune {ref.step} artifact",
+        table=[{"upstream": origin, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256[:12], "run": how,
+                "artifact": asset["prefect.resource.id"]}],
+        description=f"itune {ref.step} {ref.key[:8]}: " + (f"reused, built by run {str(built_by)[:8]}" if reused and
+                                                             built_by else "reused" if reused else "built by this run"),
     )
 
 
@@ -93,10 +171,18 @@ def finish_step(root: str, ref: ArtifactRef, built: bool) -> ArtifactRef:
     context = TaskRunContext.get()
     if context is not None and context.result_store is not None:
         context.result_store.write(obj=ref, key=_record_key(root, ref))
-    manifest = ref.manifest()
-    store = ArtifactStore(root)
-    _publish_lineage(ref, store.uri_of(ref.step, ref.key),
-                     [store.uri_of(entry["step"], entry["key"]) for entry in manifest.get("inputs", [])])
+    _publish_lineage(ArtifactStore(root), ref, ref.manifest(), reused=not built)
     how = "built" if built else "reused intact"
     get_run_logger().info("%s %s: %d rows at %s (sha256 %s)", how, ref.step, ref.rows, ref.uri, ref.sha256[:12])
     return ref
+
+
+def publish_reuse(task: Any, task_run: Any, state: Any) -> None:
+    """Task hook: on a cache hit, still publish the step's reference event and its table artifact on this run."""
+    if state.name != "Cached":
+        return  # a run that did the work published from finish_step
+    ref = state.result(raise_on_failure=False)
+    context = TaskRunContext.get()
+    if not isinstance(ref, ArtifactRef) or context is None:
+        return
+    _publish_lineage(ArtifactStore(context.parameters["root"]), ref, ref.manifest(), reused=True)

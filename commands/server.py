@@ -40,19 +40,43 @@ def server(
     port: Annotated[int, typer.Option(help="port of the API and UI")] = 4200,
     database_url: Annotated[str | None, typer.Option(
         help="e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect (default: SQLite in PREFECT_HOME)")] = None,
+    ui_api_url: Annotated[str | None, typer.Option(
+        help="the API URL browsers use, behind a proxy (default: http://HOST:PORT/api as bound)")] = None,
 ) -> None:
     """Start the Prefect server (API + UI) that deployments, workers and `itune trigger` share."""
     import shutil
 
-    env = dict(os.environ)
-    if database_url:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
     if prefect is None:
         fail("the `prefect` command is not installed in this environment")
-    err.print(f"Prefect server on http://{host}:{port} (UI); in other shells: "
-              f"export PREFECT_API_URL=http://{host}:{port}/api", highlight=False)
-    os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)], env)
+    api = (ui_api_url or f"http://{browser_host(host)}:{port}/api").rstrip("/")
+    os.execve(prefect, [prefect, "server", "start", "--host", host, "--port", str(port)],
+              server_env(dict(os.environ), host, port, api, database_url))
+
+
+def browser_host(host: str) -> str:
+    """Give back the host name a browser reaches a server bound to `host` by (a wildcard means this machine)."""
+    import socket
+
+    if host in ("", "0.0.0.0", "::"):
+        return socket.getfqdn()
+    return f"[{host}]" if ":" in host else host
+
+
+def server_env(env: dict[str, str], host: str, port: int, api: str, database_url: str | None) -> dict[str, str]:
+    """Give back the server's environment: its UI talks to `api`, not to PREFECT_API_URL or the default port.
+
+    Prefect's UI reads its API URL from PREFECT_SERVER_UI_API_URL, else from PREFECT_API_URL, else from
+    PREFECT_SERVER_API_HOST/PORT; `prefect server start --port` sets none of them, so the UI of a server on
+    any port but 4200 pointed at 4200 (or at whatever API the shell's profile names).
+    """
+    env.update(PREFECT_SERVER_UI_API_URL=api, PREFECT_UI_URL=api.removesuffix("/api"),
+               PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    err.print(f"Prefect server on {api.removesuffix('/api')} (UI); in other shells: export PREFECT_API_URL={api}",
+              highlight=False, soft_wrap=True)
+    return env
 
 
 @app.command()

@@ -9,6 +9,7 @@ from prefect import flow
 from catalog.config import STEPS, with_overrides
 from catalog.store import ArtifactRef
 from flows.finetune_flow import finetune as finetune_on_pool
+from flows.lineage_artifact import publish_lineage
 from tasks.clean import clean
 from tasks.evaluate import evaluate, promote
 from tasks.finetune import finetune
@@ -35,7 +36,10 @@ def pipeline(config: dict[str, Any], until: str = "evaluate", overrides: list[st
 
     def keep(step: str, ref: ArtifactRef) -> bool:
         done[step] = ref
-        return STEPS.index(step) < last
+        if STEPS.index(step) < last:
+            return True
+        publish_lineage(done)  # the run's model (or last artifact) back to its sources, whether built or Cached
+        return False
 
     raw = ingest(cfg.step_config("ingest"), root)
     if not keep("ingest", raw):

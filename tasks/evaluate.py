@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from catalog import layout
-from catalog.caching import finish_step, step_task_options
+from catalog.caching import finish_step, model_note, step_task_options
 from catalog.lineage import upstream_config
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -300,5 +300,6 @@ def promote(config: dict[str, Any], root: str, evaluated: ArtifactRef, finetuned
     decision = Registry(root).consider(candidate, PromoteConfig(**config), flow_run.id)
     get_run_logger().info("model %s %s: %s", finetuned.key, "promoted" if decision["promoted"] else "not promoted",
                           "; ".join(decision["reasons"]))
-    create_markdown_artifact(decision_markdown(decision), key="itune-promotion", description="promotion decision")
+    create_markdown_artifact(decision_markdown(decision) + model_note(finetuned, flow_run.id), key="itune-promotion",
+                             description="promotion decision")
     return decision
