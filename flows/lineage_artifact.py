@@ -16,8 +16,9 @@ from catalog.caching import LINEAGE_KEY, artifact_link, run_link
 from catalog.config import STEPS
 from catalog.lineage import lineage
 from catalog.store import ArtifactRef, sha256_file
-from tasks.ingest import BUILTIN, HUB, IngestError, resolve_files, source_fingerprint
+from tasks.ingest import BUILTIN, source_fingerprint
 from toolkit.builtin_tasks import GENERATOR_VERSION
+from toolkit.readers import HUB, IngestError, resolve_files
 
 CONFIG_CHARS = 300
 
