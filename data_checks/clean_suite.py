@@ -17,7 +17,9 @@ def clean_rows_expectations(max_instruction_chars: int, max_response_chars: int,
     for column in REQUIRED_COLUMNS:
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
         expectations.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
-    single = {"row_condition": 'messages == ""', "condition_parser": "pandas"} if has_messages else {}
+    from great_expectations.expectations.row_conditions import Column
+
+    single = {"row_condition": Column("messages") == ""} if has_messages else {}
     expectations += [
         gxe.ExpectColumnValueLengthsToBeBetween(column="instruction", min_value=1, max_value=max_instruction_chars,
                                                 **single),
