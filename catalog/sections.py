@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -144,6 +145,10 @@ BUILTIN_TEMPLATES = ("paper", "alpaca", "chat")
 class TemplateConfig(Section):
     name: str = Field("paper", description="paper, alpaca, chat, or a key of template.custom")
     custom: dict[str, UserTemplate] = Field(default_factory=dict)
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="chat: every assistant turn of a conversation is a target, or only the last")
+    chat_template: str = Field("", description="chat: a Jinja chat template in transformers' format, assistant "
+                               "text inside {% generation %}...{% endgeneration %}; empty: the built-in one")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     test_fraction: float = Field(0.05, ge=0, lt=1)
 
@@ -153,6 +158,11 @@ class TemplateConfig(Section):
             names = ", ".join([*BUILTIN_TEMPLATES, *self.custom])
             raise ValueError(f"unknown template '{self.name}' (choose from {names}, or define template.custom."
                              f"{self.name}.prompt/response)")
+        if self.chat_template and self.name != "chat":
+            raise ValueError(f"template.chat_template is used by template.name=chat (name is {self.name})")
+        if self.chat_template and not re.search(r"\{%-?\s*generation\s*-?%\}", self.chat_template):
+            raise ValueError("template.chat_template must wrap assistant text in {% generation %}...{% endgeneration %}"
+                             " so its answers can be trained on")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave rows for training")
         return self
@@ -166,6 +176,11 @@ class TokenizeConfig(Section):
                             "padding a random batch to its longest row would waste at least min_packing_waste")
     min_packing_waste: float = Field(0.4, ge=0, le=1, description="auto packing: the padding share that makes it pay")
     max_truncated_share: float = Field(0.5, ge=0, le=1)
+    long_conversations: Literal["split", "truncate_left"] = Field(
+        "split", description="a conversation over max_length: split into windows of whole turns, each ending with "
+                             "an answer; or truncate_left: drop the oldest turns (the system prompt stays)")
+    max_target_tokens_lost_share: float = Field(
+        0.5, ge=0, le=1, description="gate: share of response/assistant tokens that length cuts may drop")
     min_train_rows: PositiveInt = 1
     min_eval_rows: int = Field(1, ge=0, description="rows each of val and test must have")
     warn_only: list[str] = Field(default_factory=list, description="expectation types that warn instead of block")

@@ -140,7 +140,8 @@ def report(
 
 
 def _responder(cfg: PipelineConfig, registry: Registry, model: str, template: str | None):
-    """Give back (reply(instruction, input) -> text, description) for a model, prompted as in its training."""
+    """Give back (reply(messages) -> text, make a user message(instruction, input), description) for a model,
+    prompted with the chat template its folder carries (a folder without one: its lineage's or --template)."""
     from catalog.lineage import model_and_template
     from catalog.store import ArtifactError
 
@@ -151,51 +152,73 @@ def _responder(cfg: PipelineConfig, registry: Registry, model: str, template: st
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from catalog.config import TemplateConfig
     from tasks.evaluate import generate_answers
-    from tasks.template import render_chat, render_prompt, template_parts
+    from toolkit.chat_template import folder_template, render
 
     hf_logging.set_verbosity_error()  # the terminal shows the answer, not loader progress bars and hints
     hf_logging.disable_progress_bar()
-    if trained_with and template and template != trained_with["name"]:
-        err.print(f"note: {model_dir} was trained with the '{trained_with['name']}' template; using it",
-                  highlight=False)
+    jinja, source = folder_template(model_dir), "the model folder's chat template"
+    if jinja is None:
+        jinja, source = _template_of(trained_with, template)
+    elif template:
+        err.print(f"note: {model_dir} carries its chat template; --template {template} is not used", highlight=False)
+    network = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    budget = network.config.n_positions - cfg.eval.max_new_tokens
+
+    def reply(messages: list[dict[str, str]]) -> str:
+        return generate_answers(network, [render(messages, jinja, add_generation_prompt=True)[0]], cfg.eval,
+                                budget)[0].strip()
+
+    def user_message(instruction: str, input_text: str = "") -> dict[str, str]:
+        if "message['input']" in jinja:  # a single-turn template's twin: the input has its own slot
+            return {"role": "user", "content": instruction, "input": input_text}
+        return {"role": "user", "content": instruction + ("\n\n" + input_text if input_text else "")}
+
+    return reply, user_message, f"{model_dir} ({source})"
+
+
+def _template_of(trained_with: dict[str, Any] | None, template: str | None) -> tuple[str, str]:
+    """Give back (the Jinja chat template, where it came from) for a folder that carries none."""
+    from catalog.config import TemplateConfig
+    from tasks.template import template_parts
+    from toolkit.chat_template import chat_template_for
+
     try:
         chosen = TemplateConfig(**(trained_with or {"name": template or "paper"}))
     except ValueError as exc:
         fail(f"template: {str(exc).splitlines()[-1].strip()}", 2)
-    name = chosen.name
-    network = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    budget = network.config.n_positions - cfg.eval.max_new_tokens
-
-    def reply(instruction: str, input_text: str = "") -> str:
-        prompt = render_chat("", instruction, input_text) if name == "chat" else \
-            render_prompt(name, instruction, input_text, parts=template_parts(chosen))
-        return generate_answers(network, [prompt], cfg.eval, budget)[0].strip()
-
-    return reply, f"{model_dir} (template '{name}')"
+    where = "its lineage" if trained_with else "--template" if template else "the default"
+    return chat_template_for(chosen, template_parts(chosen)), f"template '{chosen.name}' from {where}"
 
 
 @app.command()
 def generate(
     instruction: Annotated[str, typer.Argument(help="what the model should do")],
     input_: Annotated[str, typer.Option("--input", "-i", help="the input the instruction works on")] = "",
+    system: Annotated[str, typer.Option(help="a system prompt put before the instruction")] = "",
     model: ModelOption = "champion", template: TemplateOption = None,
     config: ConfigOption = None, set_: SetOption = None, root: RootOption = None,
 ) -> None:
     """Print a model's response to one instruction (generation settings from the eval config)."""
     cfg, registry = settings(config, set_, root)
-    reply, _ = _responder(cfg, registry, model, template)
-    print(reply(instruction, input_))
+    reply, user_message, _ = _responder(cfg, registry, model, template)
+    print(reply([*_system(system), user_message(instruction, input_)]))
+
+
+def _system(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": text}] if text else []
 
 
 @app.command()
-def chat(model: ModelOption = "champion", template: TemplateOption = None, config: ConfigOption = None,
-         set_: SetOption = None, root: RootOption = None) -> None:
-    """Talk to a model: one instruction per line (`instruction || input` to add an input); empty line ends."""
+def chat(model: ModelOption = "champion", template: TemplateOption = None,
+         system: Annotated[str, typer.Option(help="a system prompt that opens the conversation")] = "",
+         config: ConfigOption = None, set_: SetOption = None, root: RootOption = None) -> None:
+    """Talk to a model, which sees the whole conversation so far: one message per line (`text || input` adds an
+    input); an empty line ends."""
     cfg, registry = settings(config, set_, root)
-    reply, description = _responder(cfg, registry, model, template)
+    reply, user_message, description = _responder(cfg, registry, model, template)
     out.print(f"chatting with {description}; an empty line or Ctrl-D ends", highlight=False)
+    history = _system(system)
     while True:
         sys.stdout.write("you> ")
         sys.stdout.flush()
@@ -203,4 +226,7 @@ def chat(model: ModelOption = "champion", template: TemplateOption = None, confi
         if not line.strip() or line.strip() in ("exit", "quit"):
             break
         instruction, _, input_text = line.strip().partition(" || ")
-        print(f"model> {reply(instruction.strip(), input_text.strip())}", flush=True)
+        history.append(user_message(instruction.strip(), input_text.strip()))
+        answer = reply(history)
+        history.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}", flush=True)

@@ -7,17 +7,24 @@ from typing import Any
 REQUIRED_COLUMNS = ["id", "instruction", "input", "response", "source", "category"]
 
 
-def clean_rows_expectations(max_instruction_chars: int, max_response_chars: int) -> list[Any]:
-    """Give back the expectations every clean row must meet."""
+def clean_rows_expectations(max_instruction_chars: int, max_response_chars: int, has_messages: bool = False
+                            ) -> list[Any]:
+    """Give back the expectations every clean row must meet; with a `messages` column, the length bounds hold
+    for instruction rows only (tokenize cuts a conversation at its turn boundaries instead)."""
     import great_expectations.expectations as gxe
 
     expectations: list[Any] = [gxe.ExpectTableColumnsToMatchSet(column_set=REQUIRED_COLUMNS, exact_match=False)]
     for column in REQUIRED_COLUMNS:
         expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
         expectations.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
+    from great_expectations.expectations.row_conditions import Column
+
+    single = {"row_condition": Column("messages") == ""} if has_messages else {}
     expectations += [
-        gxe.ExpectColumnValueLengthsToBeBetween(column="instruction", min_value=1, max_value=max_instruction_chars),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1, max_value=max_response_chars),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="instruction", min_value=1, max_value=max_instruction_chars,
+                                                **single),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1, max_value=max_response_chars,
+                                                **single),
     ]
     return expectations
 

@@ -27,13 +27,15 @@ def tokenized_rows_expectations(max_length: int) -> list[Any]:
 
 
 def tokenized_summary_expectations(vocab_size: int, max_truncated_share: float, min_train_rows: int,
-                                   min_eval_rows: int) -> list[Any]:
+                                   min_eval_rows: int, max_target_tokens_lost_share: float = 1.0) -> list[Any]:
     """Give back the expectations over the one-row summary of the tokenize step."""
     import great_expectations.expectations as gxe
 
     return [
         gxe.ExpectColumnValuesToBeBetween(column="zero_target_rows", min_value=0, max_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="truncated_share", min_value=0, max_value=max_truncated_share),
+        gxe.ExpectColumnValuesToBeBetween(column="target_tokens_lost_share", min_value=0,
+                                          max_value=max_target_tokens_lost_share),
         gxe.ExpectColumnValuesToBeBetween(column="min_token_id", min_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="max_token_id", max_value=vocab_size - 1),
         gxe.ExpectColumnValuesToBeBetween(column="min_label", min_value=-100),

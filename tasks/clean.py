@@ -117,15 +117,18 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
     for field in TEXT_FIELDS:
         mark(frame[field].str.contains(END_OF_TEXT, regex=False), "end_of_text_in_text",
              f"{field} holds {END_OF_TEXT}, which would end the training sequence there")
+    # a conversation's length is settled turn by turn when tokenize cuts it at turn boundaries, not here
+    single = (frame["messages"] == "") if "messages" in frame else pd.Series(True, index=frame.index)
     min_chars = max(config.min_chars, 1)
     chars = {field: frame[field].str.len() for field in TEXT_FIELDS}
     mark(chars["instruction"] < min_chars, "empty_instruction")
     mark(chars["response"] < min_chars, "empty_response")
     for field, limit in (("instruction", config.max_instruction_chars), ("input", config.max_instruction_chars),
                          ("response", config.max_response_chars)):
-        mark(chars[field] > limit, f"{field}_too_long", chars[field].map(lambda n, lim=limit: f"{n} chars > {lim}"))
+        mark((chars[field] > limit) & single, f"{field}_too_long",
+             chars[field].map(lambda n, lim=limit: f"{n} chars > {lim}"))
     if config.max_prompt_tokens or config.max_response_tokens or config.min_response_tokens:
-        _mark_token_bounds(frame, reason, mark, config)
+        _mark_token_bounds(frame, reason.where(single, "conversation"), mark, config)
     if config.language == "latin":
         share = (frame["instruction"] + " " + frame["input"] + " " + frame["response"]).map(latin_share)
         mark(share < config.min_script_share, "other_script", share.map(lambda v: f"latin share {v:.2f}"))

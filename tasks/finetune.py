@@ -23,9 +23,11 @@ from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
+from catalog.lineage import upstream_manifest
 from catalog.step import Step
 from catalog.store import ArtifactRef, ArtifactStore
 from catalog.training_sections import ModelConfig, TrainConfig
+from toolkit.chat_template import save_model_folder_template
 from toolkit.checkpoints import (
     CheckpointError,
     TrainingOutOfMemory,
@@ -276,6 +278,9 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
         with tempfile.TemporaryDirectory(prefix=".trainer-", dir=out.parent) as work_dir:
             figures = train_model(rows, model_config, train_config, out, Path(work_dir), logger, data_fingerprint,
                                   callbacks)
+    template = (upstream_manifest(tokenized, "template") or {}).get("chat_template")
+    if template and int(os.environ.get("RANK", "0")) == 0:  # the folder prompts itself: transformers alone suffices
+        save_model_folder_template(layout.model_dir(out), template)
     return {"rows": len(rows), **figures}
 
 

@@ -1,15 +1,15 @@
 """Step 4, template: render each pair as S = [BOS, instruction, SEP, response, EOS] text, and split.
 
 Prompt and response are kept apart so tokenize can mask the prompt. Templates: `paper`, `alpaca`,
-`chat` (whole multi-turn conversations from the `messages` column; the last assistant turn is the
-target) and user templates from `template.custom`. The split comes from a hash of `id`, so adding
+`chat` (a Jinja chat template, built-in or `template.chat_template`: a conversation stays one sequence whose
+assistant turns are all targets, kept as text `segments` with their `segment_kinds`; an instruction row is a
+one-turn conversation) and user templates from `template.custom`. The split comes from a hash of `id`, so adding
 rows never moves an old row between train, val and test.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from catalog.caching import finish_step, step_task_options
 from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
+from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
 from toolkit.runner import map_batches
 
 BOS = EOS = "<|endoftext|>"
@@ -42,9 +43,6 @@ TEMPLATES: dict[str, tuple[str, str, str]] = {
 }
 
 
-CHAT_TURN = "<|{role}|>\n{content}\n"
-
-
 def template_parts(config: TemplateConfig) -> tuple[str, str, str]:
     """Give back (prompt, prompt with input, response) format strings of the configured template."""
     if config.name in config.custom:
@@ -62,13 +60,6 @@ def render_prompt(template: str, instruction: str, input_text: str = "", parts: 
     return (with_input if input_text else without_input).format(instruction=instruction, input=input_text)
 
 
-def render_chat(messages: str, instruction: str, input_text: str) -> str:
-    """Give back the chat prompt: every turn before the last assistant turn, then the assistant tag."""
-    turns = json.loads(messages)[:-1] if messages else [
-        {"role": "user", "content": instruction + ("\n\n" + input_text if input_text else "")}]
-    return BOS + "".join(CHAT_TURN.format(**turn) for turn in turns) + "<|assistant|>\n"
-
-
 def split_of(row_id: str, val_fraction: float, test_fraction: float) -> str:
     """Give back train/val/test for an id, from its hash alone."""
     bucket = int(hashlib.sha256(row_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -82,30 +73,38 @@ def split_of(row_id: str, val_fraction: float, test_fraction: float) -> str:
 def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
     """Give back id, split, category, prompt, completion and the raw fields kept for evaluation."""
     parts = template_parts(config)
-    if config.name == "chat":
+    if is_chat(config):
         messages = frame["messages"] if "messages" in frame else pd.Series("", index=frame.index)
-        prompts = [render_chat(m, i, x) for m, i, x in zip(messages, frame["instruction"], frame["input"],
-                                                            strict=True)]
+        rendered = [conversation_columns(row_messages(m, i, x, r), chat_template_for(config), config.train_on)
+                    for m, i, x, r in zip(messages, frame["instruction"], frame["input"], frame["response"],
+                                          strict=True)]
+        prompts, completions, pieces, kinds = (list(column) for column in zip(*rendered, strict=True)) \
+            if rendered else ([], [], [], [])
     else:
         prompts = [render_prompt(config.name, i, x, parts)
                    for i, x in zip(frame["instruction"], frame["input"], strict=True)]
+        completions = [parts[2].format(response=r) for r in frame["response"]]
+        pieces, kinds = [[] for _ in prompts], [[] for _ in prompts]
     return pd.DataFrame({
         "id": frame["id"],
         "split": [split_of(i, config.val_fraction, config.test_fraction) for i in frame["id"]],
         "category": frame["category"],
         "prompt": prompts,
-        "completion": [parts[2].format(response=r) for r in frame["response"]],
+        "completion": completions,
         "instruction": frame["instruction"],
         "input": frame["input"],
         "response": frame["response"],
+        "segments": pieces,
+        "segment_kinds": kinds,
     })
 
 
-STEP = Step("template", __name__, libraries=("pyarrow", "pandas"))
+STEP = Step("template", __name__, libraries=("pyarrow", "pandas", "transformers", "jinja2"))
 
 
 TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
-    "id", "split", "category", "prompt", "completion", "instruction", "input", "response")])
+    "id", "split", "category", "prompt", "completion", "instruction", "input", "response")]
+    + [("segments", pa.list_(pa.string())), ("segment_kinds", pa.list_(pa.int8()))])
 
 
 def template_batch(batch: pa.RecordBatch, config: TemplateConfig) -> pa.Table:
@@ -125,8 +124,9 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
             rows += templated.num_rows
             for entry in templated.column("split").value_counts().to_pylist():
                 splits[entry["values"]] = splits.get(entry["values"], 0) + entry["counts"]
+    parts = template_parts(config)
     return {"rows": rows, "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "template": list(template_parts(config))}
+            "template": list(parts), "chat_template": chat_template_for(config, parts)}
 
 
 @task(**step_task_options(STEP))

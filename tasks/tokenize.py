@@ -1,6 +1,9 @@
 """Step 5, tokenize: GPT-2 token ids per example, with the prompt masked out of the labels.
 
-Prompt and completion are tokenized separately in batches and joined, so the boundary is exact.
+Prompt and completion are tokenized separately in batches and joined, so the boundary is exact. A
+conversation with several answers is tokenized segment by segment (toolkit/conversations.py): every answer
+a target, and over max_length it is cut at turn boundaries (`long_conversations`); the answer tokens lost
+to any cut are counted per row (`n_target_lost`) and gated.
 When an example is too long, the response is kept whole where possible and the prompt loses its
 middle (its start, the BOS, and its end, the SEP, stay).
 
@@ -33,13 +36,14 @@ from catalog.step import Step
 from catalog.store import ArtifactRef
 from data_checks.gate import GateFailed, raise_if_blocked, run_suites
 from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
+from toolkit.conversations import conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
 from toolkit.runner import map_batches
 from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 
 TOKENIZED_SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("category", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-    ("length", pa.int32()), ("n_target", pa.int32()), ("truncated", pa.bool_()),
+    ("length", pa.int32()), ("n_target", pa.int32()), ("truncated", pa.bool_()), ("n_target_lost", pa.int32()),
 ])
 PACKED_SCHEMA = TOKENIZED_SCHEMA.append(pa.field("position_ids", pa.list_(pa.int32()))).append(
     pa.field("n_examples", pa.int32()))
@@ -47,17 +51,6 @@ PACKED_SCHEMA = TOKENIZED_SCHEMA.append(pa.field("position_ids", pa.list_(pa.int
 
 class TokenizeGateFailed(GateFailed):
     """A blocking expectation on the tokenized rows failed."""
-
-
-def fit_example(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
-    """Give back (input_ids, labels, truncated) for one example within max_length tokens."""
-    if len(prompt) + len(completion) <= max_length:
-        return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, False
-    keep_prompt = min(len(prompt), max(max_length // 4, max_length - len(completion)))
-    completion = completion[: max_length - keep_prompt]
-    head = keep_prompt // 2
-    prompt = prompt[:head] + prompt[len(prompt) - (keep_prompt - head):]
-    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, True
 
 
 def fit_lengths(prompt_lengths: np.ndarray, completion_lengths: np.ndarray, max_length: int
@@ -85,7 +78,14 @@ def _segment_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBatch:
-    """Give back the tokenized rows of one Arrow batch of templated rows."""
+    """Give back the tokenized rows of one Arrow batch of templated rows (conversations cut at turn boundaries)."""
+    if "segments" in batch.schema.names:
+        several = pc.greater(pc.list_value_length(batch.column("segments")), 0)
+        if pc.any(several).as_py():
+            single = tokenize_batch(batch.filter(pc.invert(several)).drop_columns(["segments"]), config)
+            talks = conversation_batch(batch.filter(several), config.max_length, config.long_conversations,
+                                       encode_flat, TOKENIZED_SCHEMA)
+            return pa.Table.from_batches([single, talks]).combine_chunks().to_batches()[0]
     prompt_ids, prompt_lengths = encode_flat(batch.column("prompt").to_pylist())
     completion_ids, completion_lengths = encode_flat(batch.column("completion").to_pylist())
     head, tail, kept = fit_lengths(prompt_lengths, completion_lengths, config.max_length)
@@ -104,6 +104,7 @@ def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBa
         pa.ListArray.from_arrays(offsets, pa.array(labels)),
         pa.array(lengths), pa.array(kept.astype(np.int32)),
         pa.array(prompt_lengths + completion_lengths > config.max_length),
+        pa.array((completion_lengths - kept).astype(np.int32)),
     ], schema=TOKENIZED_SCHEMA)
 
 
@@ -157,6 +158,7 @@ def pack_rows(rows: pa.Table, max_length: int, close_last: bool) -> tuple[pa.Rec
     pieces = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
     block_lengths = np.diff(token_bounds)
     n_target = np.add.reduceat(done.column("n_target").to_numpy(), bounds[:-1]) if pieces else np.array([], np.int32)
+    lost = np.add.reduceat(done.column("n_target_lost").to_numpy(), bounds[:-1]) if pieces else np.array([], np.int32)
     truncated = np.logical_or.reduceat(done.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
                                        bounds[:-1]) if pieces else np.array([], bool)
     offsets = pa.array(token_bounds - token_bounds[0] if len(token_bounds) else np.zeros(1, np.int32))
@@ -166,7 +168,7 @@ def pack_rows(rows: pa.Table, max_length: int, close_last: bool) -> tuple[pa.Rec
         pa.array([categories[a] if len(set(categories[a:b])) == 1 else "mixed" for a, b in pieces], pa.string()),
         pa.ListArray.from_arrays(offsets, flat["input_ids"]), pa.ListArray.from_arrays(offsets, flat["labels"]),
         pa.array(block_lengths.astype(np.int32)), pa.array(n_target.astype(np.int32)), pa.array(truncated),
-        pa.ListArray.from_arrays(offsets, pa.array(_position_ids(row_lengths))),
+        pa.array(lost.astype(np.int32)), pa.ListArray.from_arrays(offsets, pa.array(_position_ids(row_lengths))),
         pa.array(np.diff(bounds).astype(np.int32)),
     ], schema=PACKED_SCHEMA)
     return blocks, carry
@@ -225,7 +227,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     state: dict[str, Any] = {}
     with pq.ParquetWriter(layout.data_file(out), schema) as writer:
         batches = source.iter_batches(batch_size=config.batch_size,
-                                      columns=["id", "split", "category", "prompt", "completion"])
+                                      columns=["id", "split", "category", "prompt", "completion"]
+                                      + [c for c in ("segments", "segment_kinds") if c in source.schema_arrow.names])
         for tokenized in map_batches(tokenize_batch, batches, config, runner=runner, step="tokenize"):
             n_target = tokenized.column("n_target").to_numpy()
             examples += tokenized.num_rows
@@ -242,12 +245,16 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
         if state.get("carry") is not None and state["carry"].num_rows:
             writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
     written = pq.read_table(layout.data_file(out), columns=["id", "split", "category", "length", "n_target",
-                                                           "truncated"]).to_pandas()
+                                                           "truncated", "n_target_lost"]).to_pandas()
     splits = written["split"].value_counts()
     tokens = int(written["length"].sum())
     stats: dict[str, Any] = {
         "rows": len(written), "examples": examples, "tokens": tokens, "target_tokens": int(written["n_target"].sum()),
         "truncated_share": truncated / max(examples, 1), "zero_target_rows": zero_target,
+        "target_tokens_lost": int(written["n_target_lost"].sum()),
+        "target_tokens_lost_share": int(written["n_target_lost"].sum()) / max(
+            int(written["n_target"].sum() + written["n_target_lost"].sum()), 1),
+        "long_conversations": config.long_conversations,
         "padding_share_at_max_length": 1 - tokens / max(len(written) * config.max_length, 1),
         "min_token_id": token_range[0], "max_token_id": token_range[1],
         "min_label": token_range[2], "max_label": token_range[3],
@@ -261,7 +268,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     report = run_suites({
         "tokenized_rows": (written, tokenized_rows_expectations(config.max_length)),
         "tokenized_summary": (pd.DataFrame([stats]), tokenized_summary_expectations(
-            GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows)),
+            GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows,
+            config.max_target_tokens_lost_share)),
     }, out / layout.DATA_DOCS, set(config.warn_only))
     (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
     return {**stats, "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",

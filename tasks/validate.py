@@ -66,7 +66,8 @@ def check_clean_data(data: Path, stats: dict[str, Any], config: ValidateConfig, 
     return run_suites(
         {
             "clean_rows": (_row_batches(data, rows_per_batch),
-                           clean_rows_expectations(config.max_instruction_chars, config.max_response_chars)),
+                           clean_rows_expectations(config.max_instruction_chars, config.max_response_chars,
+                                                   "messages" in pq.read_schema(data).names)),
             "clean_ids": (pq.read_table(data, columns=["id"]).to_pandas(), clean_ids_expectations()),
             "clean_summary": (summary, clean_summary_expectations(
                 config.min_rows, config.max_quarantine_ratio, config.max_duplicate_ratio,

@@ -90,17 +90,18 @@ def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_
         CleanConfig(language="en,xx")
 
 
-def test_chat_template_renders_all_turns_and_targets_the_last_answer():
+def test_chat_template_renders_all_turns_each_closed_by_the_end_of_turn_token():
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Colour?"},
              {"role": "assistant", "content": "Blue"}]
     frame = _frame([{"instruction": "Colour?", "input": "", "response": "Blue", "messages": json.dumps(turns)},
                     {"instruction": "Add", "input": "1 2", "response": "3"}])
     out = apply_template(frame, TemplateConfig(name="chat"))
-    assert out["prompt"][0] == ("<|endoftext|><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello\n"
-                                "<|user|>\nColour?\n<|assistant|>\n")
+    assert out["prompt"][0] == ("<|endoftext|><|system|>\nBe brief.<|endoftext|><|user|>\nHi<|endoftext|>"
+                                "<|assistant|>\nHello<|endoftext|><|user|>\nColour?<|endoftext|><|assistant|>\n")
     assert out["completion"][0] == "Blue<|endoftext|>"
-    assert out["prompt"][1] == "<|endoftext|><|user|>\nAdd\n\n1 2\n<|assistant|>\n"
+    assert list(out["segment_kinds"][0]) == [0, 1, 2, 1, 2, 1]  # both answers are targets
+    assert out["prompt"][1] == "<|endoftext|><|user|>\nAdd\n\n1 2<|endoftext|><|assistant|>\n"
 
 
 def test_user_template_from_config_and_placeholder_errors():

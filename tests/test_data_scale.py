@@ -14,7 +14,7 @@ import pytest
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig
 from tasks.clean import normalize_text, token_count_bounds, token_counts, write_clean
 from tasks.ingest import write_ingest
-from tasks.template import apply_template, write_template
+from tasks.template import TEMPLATED_SCHEMA, apply_template, write_template
 from tasks.tokenize import fit_example, fit_lengths, tokenize_batch
 from toolkit.dedup import Duplicates, lsh_bands, minhash_signatures, shingle_hashes
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
@@ -216,7 +216,8 @@ def test_streamed_template_equals_apply_template(tmp_path):
     out = tmp_path / "template"
     out.mkdir()
     stats = write_template(TemplateConfig(), validated, out, batch_rows=16)
-    assert pd.read_parquet(out / "data.parquet").equals(apply_template(frame, TemplateConfig()))
+    expected = pa.Table.from_pandas(apply_template(frame, TemplateConfig()), TEMPLATED_SCHEMA, preserve_index=False)
+    assert pq.read_table(out / "data.parquet").equals(expected)
     assert stats["rows"] == 120 and sum(stats["splits"].values()) == 120
 
 

@@ -94,5 +94,5 @@ def test_generate_and_chat_answer_with_the_champion(runs):
     chat = cli.invoke(app, ["chat", "--model", model, "--root", str(root)],
                       input="Add the two numbers. || 2 3\nCount the words. || cat dog\n\n")
     assert chat.exit_code == 0, chat.output
-    assert "template 'paper'" in chat.output
+    assert "the model folder's chat template" in chat.output
     assert chat.output.count("model> ") == 2

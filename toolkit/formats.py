@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from toolkit.conversations import TurnError, checked_turns
 from toolkit.readers import IngestError, Record
 
 # the fields a record must have in each format (checked once per columnar file, per record otherwise)
@@ -59,29 +60,12 @@ def _text(record: dict[str, Any], field: str, required: bool = True) -> str:
     return value
 
 
-_ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-               "bing": "assistant", "bard": "assistant", "system": "system", "model": "assistant"}
-
-
 def _conversation_rows(turns: Any, field: str, role_key: str, text_key: str) -> list[dict[str, str]]:
-    if not isinstance(turns, list) or not turns:
-        raise BadRow(field, f"field '{field}' must be a non-empty list of turns", "bad_conversation")
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str):
-            raise BadRow(field, f"a turn in '{field}' lacks text in '{text_key}'", "bad_conversation")
-        role = _ROLE_NAMES.get(str(turn.get(role_key, "")).lower())
-        if role is None:
-            raise BadRow(field, f"a turn in '{field}' has unknown role {turn.get(role_key)!r}", "bad_conversation")
-        messages.append({"role": role, "content": turn[text_key]})
-    while messages and messages[-1]["role"] != "assistant":
-        messages.pop()  # trailing user turns have no answer to learn from
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow(field, "conversation has no assistant turn", "no_assistant_turn")
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise BadRow(field, "conversation has no user turn", "no_user_turn")
-    return messages
+    try:
+        return checked_turns(turns, role_key, text_key)
+    except TurnError as bad:
+        where = field if bad.turn is None else f"{field}[{bad.turn}]"
+        raise BadRow(where, f"field '{field}': {bad.reason}", bad.code) from None
 
 
 def to_canonical(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> list[dict[str, str]]:
