@@ -19,9 +19,8 @@ import json
 import os
 import platform
 import shutil
-import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,15 +28,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from catalog.files import files_match, sweep_abandoned, temp_name, verified_listing, write_text_atomically
 from catalog.keys import canonical_json, library_versions, sha256_text
+from catalog.shared_root import SharedRoot, absolute_root, is_url
 
 MANIFEST = "manifest.json"
 # Library versions every manifest records, for the reader (what keys a step is the code version's job).
 MANIFEST_LIBRARIES = ("prefect", "pandas", "pyarrow", "torch", "transformers", "great-expectations")
 _HASH_CHUNK = 1 << 20
-# Where machines keep their local mirrors of shared (URL) artifact roots.
-MIRROR_ENV = "ITUNE_MIRROR"
-DEFAULT_MIRROR = "~/.cache/itune/mirrors"
 
 class ArtifactError(RuntimeError):
     """An artifact is missing or fails verification."""
@@ -70,19 +68,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def is_url(root: str | Path) -> bool:
-    """Tell whether an artifact root names shared storage (an fsspec URL other than a local file path)."""
-    text = str(root)
-    return "://" in text and text.split("://", 1)[0] not in ("file", "")
-
-
-def absolute_root(root: str | Path) -> str:
-    """Give back the root as deployments and other working directories must see it: absolute, URLs unchanged."""
-    if is_url(root):
-        return str(root).rstrip("/")
-    return str(Path(str(root).removeprefix("file://")).expanduser().resolve())
-
-
 def local_folder(uri: str, step: str, key: str) -> Path:
     """Give back the folder on this machine of the artifact at `uri`, a path or `<shared root URL>/<step>/<key>`."""
     if not is_url(uri):
@@ -91,36 +76,6 @@ def local_folder(uri: str, step: str, key: str) -> Path:
     if not (store.path(step, key) / MANIFEST).is_file():
         store.manifest(step, key)  # fetches it into this machine's mirror
     return store.path(step, key)
-
-
-class SharedRoot:
-    """The shared copy of a URL artifact root, reached through fsspec, and this machine's mirror of it."""
-
-    def __init__(self, url: str):
-        import fsspec
-
-        self.url = url.rstrip("/")
-        self.fs, self.base = fsspec.core.url_to_fs(self.url)
-        mirrors = Path(os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR).expanduser().resolve()
-        self.mirror = mirrors / sha256_text(self.url)[:16]
-
-    def remote(self, *parts: str) -> str:
-        return "/".join([self.base.rstrip("/"), *parts])
-
-    def read_text(self, *parts: str) -> str | None:
-        try:
-            return self.fs.cat_file(self.remote(*parts)).decode("utf-8")
-        except FileNotFoundError:
-            return None
-
-    def download(self, parts: list[str], local: Path) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(self.remote(*parts), str(local))
-
-    def upload(self, local: Path, parts: list[str]) -> None:
-        target = self.remote(*parts)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.put_file(str(local), target)
 
 
 class ArtifactStore:
@@ -178,7 +133,7 @@ class ArtifactStore:
         final = self.path(step, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         sweep_abandoned(final.parent)
-        temp = final.parent / _temp_name(".tmp", key)
+        temp = final.parent / temp_name(".tmp", key)
         temp.mkdir()
         try:
             yield temp
@@ -222,7 +177,7 @@ class ArtifactStore:
             return None
         final = self.path(step, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temp = final.parent / _temp_name(".fetch", key)
+        temp = final.parent / temp_name(".fetch", key)
         try:
             files = json.loads(text)["files"]
             for name in files:
@@ -251,71 +206,6 @@ class ArtifactStore:
                 raise
 
 
-def verified_listing(listing: Path, describe: Callable[[Path], Any]) -> dict[str, Any] | None:
-    """Give back the JSON at `listing` if it parses and `describe` of every file in its "files" (paths relative
-    to the listing's folder) equals the value listed; None otherwise."""
-    try:
-        data = json.loads(listing.read_text(encoding="utf-8"))
-        files = data["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return data if files_match(listing.parent, files, describe) else None
-
-
 def _intact_manifest(folder: Path) -> dict[str, Any] | None:
     """Give back the manifest in `folder` if every file it lists matches its sha256."""
     return verified_listing(folder / MANIFEST, sha256_file)
-
-
-def _temp_name(kind: str, key: str) -> str:
-    # the writer's pid and host in the name let a later run tell an abandoned temp folder from a live one
-    return f"{kind}-{key}-{uuid.uuid4().hex[:8]}-{os.getpid()}@{socket.gethostname()}"
-
-
-def _writer_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def sweep_abandoned(folder: Path) -> list[Path]:
-    """Remove temp folders whose writer on this host is gone (killed, out of memory); give back what went.
-
-    Temp folders of live writers and of other hosts are left alone: from here it cannot be told whether a
-    writer on another machine is still at work.
-    """
-    removed = []
-    host = socket.gethostname()
-    for temp in [*folder.glob(".tmp-*@*"), *folder.glob(".fetch-*@*")]:
-        name, _, temp_host = temp.name.partition("@")
-        pid = name.rsplit("-", 1)[-1]
-        if temp_host == host and pid.isdigit() and not _writer_alive(int(pid)):
-            shutil.rmtree(temp, ignore_errors=True)
-            removed.append(temp)
-    return removed
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a file so a reader sees the old content or the new, never a part: temp, fsync, rename."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def files_match(folder: Path, files: dict[str, Any], describe: Callable[[Path], Any]) -> bool:
-    """Tell whether every listed file exists under `folder` and `describe(file)` equals its listed value."""
-    for name, expected in files.items():
-        file = folder / name
-        if not file.is_file() or describe(file) != expected:
-            return False
-    return True

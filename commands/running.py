@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from catalog.config import STEPS, ConfigError, PipelineConfig, load_config
-from catalog.store import absolute_root
+from catalog.shared_root import absolute_root
 from commands.base import (
     ConfigOption,
     SetOption,

@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from catalog.config import PipelineConfig
-from catalog.store import absolute_root
+from catalog.shared_root import absolute_root
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FLOW = "itune-pipeline"

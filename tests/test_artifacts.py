@@ -87,7 +87,7 @@ def test_temp_folders_of_dead_writers_on_this_host_are_swept_and_live_ones_kept(
     import subprocess
     import sys
 
-    from catalog.store import sweep_abandoned
+    from catalog.files import sweep_abandoned
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -11,8 +11,9 @@ import fsspec
 import pytest
 
 from catalog.config import STEPS, load_config
+from catalog.shared_root import MIRROR_ENV
 from catalog.step import Step
-from catalog.store import MANIFEST, MIRROR_ENV, ArtifactStore, sha256_file
+from catalog.store import MANIFEST, ArtifactStore, sha256_file
 from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
 from toolkit.registry import Registry

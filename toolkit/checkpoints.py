@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from catalog.files import verified_listing, write_text_atomically
 from catalog.keys import canonical_json, sha256_text
-from catalog.store import verified_listing, write_text_atomically
 from catalog.training_sections import ModelConfig, TrainConfig
 
 CHECKPOINT_MARK = "itune-checkpoint.json"

@@ -19,7 +19,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from catalog.store import ArtifactStore, local_folder, write_text_atomically
+from catalog.files import write_text_atomically
+from catalog.store import ArtifactStore, local_folder
 from catalog.training_sections import PromoteConfig
 
 REGISTRY_DIR = "registry"
