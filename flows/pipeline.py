@@ -9,6 +9,7 @@ from prefect.logging import get_run_logger
 
 from catalog.config import STEPS, with_overrides
 from catalog.store import ArtifactRef
+from flows.changes import report_changes
 from flows.finetune_flow import finetune as finetune_on_pool
 from tasks.clean import clean
 from tasks.evaluate import evaluate, promote
@@ -64,5 +65,6 @@ def pipeline(config: dict[str, Any], until: str = "evaluate", overrides: list[st
         return done
     evaluated = evaluate(cfg.step_config("evaluate"), root, templated, tokenized, model)
     keep("evaluate", evaluated)
-    promote(cfg.section("promote"), root, evaluated, model)  # champion/challenger: decision kept in the registry
+    decision = promote(cfg.section("promote"), root, evaluated, model)  # champion/challenger, kept in the registry
+    report_changes(root, decision)  # what changed since the previous run, in the UI
     return done
