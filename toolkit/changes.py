@@ -79,18 +79,19 @@ def _chain(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
 def row_changes(before: Path | None, after: Path) -> dict[str, dict[str, int]]:
     """Give back {source file: rows now, added, removed, changed} between two ingest artifacts, by row id.
 
-    A row is changed when its file position (file:row) holds new content whose old content is gone;
-    content that only moved within the source counts as neither added nor removed.
+    Content that is still there (anywhere in the source) is neither added nor removed. Of the rows that
+    are gone and the rows that are new between the same two surviving rows of a file, the pairs count as
+    changed (edited in place), the rest as removed or added: rows shifted by an insertion do not count.
     """
     new = _ids(after)
     old = _ids(before) if before is not None else new.iloc[0:0]
-    old_ids, new_ids = set(old["id"]), set(new["id"])
-    pairs = old.merge(new, on="source", suffixes=("_old", "_new"))
-    edited = pairs[~pairs["id_old"].isin(new_ids) & ~pairs["id_new"].isin(old_ids)]
-    added = new[~new["id"].isin(old_ids) & ~new["id"].isin(set(edited["id_new"]))]
-    removed = old[~old["id"].isin(new_ids) & ~old["id"].isin(set(edited["id_old"]))]
-    counts = {"rows": new["file"].value_counts(), "added": added["file"].value_counts(),
-              "removed": removed["file"].value_counts(), "changed": edited["file_new"].value_counts()}
+    gone = _between_survivors(old, set(new["id"]))
+    fresh = _between_survivors(new, set(old["id"]))
+    pairs = pd.concat([gone.value_counts(["file", "anchor"]).rename("gone"),
+                       fresh.value_counts(["file", "anchor"]).rename("fresh")], axis=1).fillna(0)
+    edited = pairs[["gone", "fresh"]].min(axis=1).groupby(level="file").sum()
+    counts = {"rows": new["file"].value_counts(), "added": fresh["file"].value_counts().sub(edited, fill_value=0),
+              "removed": gone["file"].value_counts().sub(edited, fill_value=0), "changed": edited}
     files = sorted(set(new["file"]) | set(old["file"]))
     return {file: {name: int(series.get(file, 0)) for name, series in counts.items()} for file in files}
 
@@ -99,6 +100,14 @@ def _ids(folder: Path) -> pd.DataFrame:
     frame = layout.read_data(folder, ["id", "source"]).to_pandas()
     frame["file"] = frame["source"].str.rsplit(":", n=1).str[0]  # source is "<file>:<row number>"
     return frame
+
+
+def _between_survivors(frame: pd.DataFrame, other_ids: set[str]) -> pd.DataFrame:
+    """Give back the rows of `frame` whose id is not in `other_ids`, each with the id of the last surviving row
+    before it in its file ("anchor"; "" at the file's start)."""
+    survives = frame["id"].isin(other_ids)
+    anchor = frame["id"].where(survives).groupby(frame["file"]).ffill().fillna("")
+    return frame.assign(anchor=anchor)[~survives]
 
 
 def quarantine_changes(before: dict[str, Path] | None, after: dict[str, Path]) -> dict[str, dict[str, int]]:
