@@ -102,7 +102,9 @@ class PipelineConfig(Section):
                     "tokenize": "tokenize", "evaluate": "eval"}
         if step == "finetune":
             # Where it trains does not change what it trains: a model trained locally is reused on the pool.
-            train = {k: v for k, v in self.section("train").items() if k != "work_pool"}
+            # No warm start keeps the keys models had before init_from existed.
+            train = {k: v for k, v in self.section("train").items()
+                     if k != "work_pool" and not (k == "init_from" and v is None)}
             return {"model": self.section("model"), "train": train}
         return self.section(sections[step])
 

@@ -51,6 +51,9 @@ class TrainConfig(Section):
     nproc_per_node: PositiveInt = Field(1, description="training processes per host (torchrun): GPUs, or CPU gloo")
     nnodes: PositiveInt = Field(1, description="hosts training together")
     rdzv_endpoint: str | None = Field(None, description="host:port every host meets at (nnodes > 1)")
+    init_from: str | None = Field(
+        None, min_length=1, description="warm start: champion or a registered model key; its weights replace "
+                                        "model.name's (optimizer state fresh). null: start from model.name")
 
 
 class EvalConfig(Section):

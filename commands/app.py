@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from commands import models, running, server  # noqa: F401 (importing a module registers its commands)
+from commands import changes, models, running, server  # noqa: F401 (importing a module registers its commands)
 from commands.base import app
 
 

@@ -4,7 +4,8 @@
 - `itune-pipeline/on-demand`: the same, unscheduled, for `itune trigger` and `prefect deployment run`;
 - `itune-finetune/finetune-<gpu pool>`: the fine-tune flow on the `gpu` pool, deploy.finetune_concurrency at once.
 
-The pipeline deployments carry the config they were deployed with, fine-tune sent to the gpu pool. Every
+The pipeline deployments carry the config they were deployed with, fine-tune sent to the gpu pool; with
+`--set train.init_from=champion` each night continues from the champion of that moment (resolved at run time). Every
 deployment runs the flows from this checkout (a local source, no image), so `process` workers on this machine,
 or on machines that have the project at the same path, pick them up. Deploying again updates everything in place.
 """

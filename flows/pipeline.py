@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.logging import get_run_logger
 
 from catalog.config import STEPS, with_overrides
 from catalog.store import ArtifactRef
+from flows.changes import report_changes
 from flows.finetune_flow import finetune as finetune_on_pool
 from flows.lineage_artifact import publish_lineage
 from tasks.clean import clean
@@ -17,6 +19,7 @@ from tasks.ingest import ingest
 from tasks.template import template
 from tasks.tokenize import tokenize
 from tasks.validate import validate
+from toolkit.warm_start import finetune_config
 
 
 @flow(name="itune-pipeline", log_prints=False)
@@ -56,14 +59,16 @@ def pipeline(config: dict[str, Any], until: str = "evaluate", overrides: list[st
     tokenized = tokenize(cfg.step_config("tokenize"), root, templated, runner)
     if not keep("tokenize", tokenized):
         return done
+    # train.init_from=champion becomes the champion's key here, before fine-tune's key is computed
+    training = finetune_config(cfg, get_run_logger().info)
     if cfg.train.work_pool:  # the dispatch may end in a Cached state of its own: take the reference from it
-        model = finetune_on_pool(cfg.step_config("finetune"), root, tokenized, cfg.train.work_pool,
-                                 return_state=True).result()
+        model = finetune_on_pool(training, root, tokenized, cfg.train.work_pool, return_state=True).result()
     else:
-        model = finetune(cfg.step_config("finetune"), root, tokenized)
+        model = finetune(training, root, tokenized)
     if not keep("finetune", model):
         return done
     evaluated = evaluate(cfg.step_config("evaluate"), root, templated, tokenized, model)
     keep("evaluate", evaluated)
-    promote(cfg.section("promote"), root, evaluated, model)  # champion/challenger: decision kept in the registry
+    decision = promote(cfg.section("promote"), root, evaluated, model)  # champion/challenger, kept in the registry
+    report_changes(root, decision)  # what changed since the previous run, in the UI
     return done

@@ -11,6 +11,7 @@ from catalog.config import STEPS, PipelineConfig
 from catalog.layout import INPUTS
 from catalog.step import Step
 from catalog.store import ArtifactStore
+from toolkit.warm_start import finetune_config
 
 
 @dataclass
@@ -36,7 +37,8 @@ def plan_pipeline(cfg: PipelineConfig, until: str = "evaluate") -> list[StepStat
     keys: dict[str, str] = {}
     statuses: list[StepStatus] = []
     for name in STEPS[: STEPS.index(until) + 1]:
-        plan = steps[name].plan(cfg.step_config(name), cfg.artifacts.root, [(i, keys[i]) for i in INPUTS[name]])
+        config = finetune_config(cfg) if name == "finetune" else cfg.step_config(name)
+        plan = steps[name].plan(config, cfg.artifacts.root, [(i, keys[i]) for i in INPUTS[name]])
         keys[name] = plan.key
         reasons = plan.reasons(store)
         rebuilt_first = [s.step for s in statuses if not s.cached and s.step in INPUTS[name]]

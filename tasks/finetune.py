@@ -38,6 +38,7 @@ from toolkit.checkpoints import (
     rows_fingerprint,
     run_fingerprint,
 )
+from toolkit.init_weights import for_training
 from toolkit.lora import is_lora, save_adapter_and_merged, trainable_parameters, with_lora
 from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
@@ -307,9 +308,12 @@ def finetune(config: dict[str, Any], root: str, tokenized: ArtifactRef) -> Artif
     checkpoints = checkpoint_dir_for(config, root, tokenized)
     train = TrainConfig(**config["train"])
     write = write_finetune_in_processes if train.nproc_per_node * train.nnodes > 1 else write_finetune
-    ref, built = STEP.produce(
-        config, root, [tokenized], lambda out, inputs: write(config, inputs[0], out, logger, checkpoints,
-                                                             tokenized.sha256))
+
+    def build(out: Path, inputs: list[Path]) -> dict[str, Any]:
+        start_from, recorded = for_training(config, root)  # weights of train.init_from, if set
+        return {**write(start_from, inputs[0], out, logger, checkpoints, tokenized.sha256), **recorded}
+
+    ref, built = STEP.produce(config, root, [tokenized], build)
     # Once the model is published the checkpoints have done their job; a crash before this line
     # leaves them for the rerun, which then resumes from the final one.
     shutil.rmtree(checkpoints, ignore_errors=True)

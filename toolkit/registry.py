@@ -219,6 +219,15 @@ class Registry:
         """Give back the last decision a flow run recorded, or None."""
         return next((e for e in reversed(self.load()["history"]) if e.get("flow_run_id") == str(flow_run_id)), None)
 
+    def entry(self, spec: str) -> dict[str, Any]:
+        """Give back the registered entry of `champion` or of a model key (or a unique prefix of one)."""
+        data = self.load()
+        if spec == "champion":
+            if data["champion"] is None:
+                raise RegistryError(f"no champion yet in {self.file}")
+            return data["champion"]
+        return data["candidates"][self._find(data, spec)]
+
     def model_folder(self, spec: str) -> Path:
         """Give back the finetune artifact folder for `champion`, a registered key (prefix) or a folder."""
         data = self.load()
