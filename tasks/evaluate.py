@@ -24,15 +24,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import ArtifactRef, Step
+from tasks.baselines import base_description, baseline_answers, baseline_scores
 from tasks.caching import finish_step, step_task_options
 from tasks.config import EvalConfig, PromoteConfig
+from tasks.evaluate_report import CURVE, category_rows, metric_rows, plot_loss_curve, report_markdown
 from tasks.modeling import IGNORE_INDEX, gpt2_tokenizer, load_base_model
-from tasks.registry import METRIC_LABELS, Registry, headline_metrics, upstream_config
+from tasks.registry import Registry, headline_metrics, upstream_config
 
 _SPACES = re.compile(r"\s+")
 # positions per LM-head call: 2,048 x 50,257 fp32 logits are ~400 MB, the most evaluation ever holds
 _HEAD_CHUNK = 2048
-REPORT, CURVE, SAMPLES, METRICS = "report.md", "loss_curve.png", "samples.parquet", "metrics.json"
+REPORT, SAMPLES, METRICS = "report.md", "samples.parquet", "metrics.json"
 
 
 def normalize_answer(text: str) -> str:
@@ -143,13 +145,16 @@ def evaluate_model(model: Any, tokenized: pd.DataFrame, test_prompts: pd.DataFra
                 figures[f"{split}_loss{suffix}"] = loss
                 figures[f"{split}_perplexity{suffix}"] = math.exp(min(loss, 50))
     answers = generate_answers(model, test_prompts["prompt"].tolist(), config, max_prompt_tokens)
-    references = test_prompts["response"].tolist()
-    scored = pd.DataFrame({
+    return figures, score_answers(answers, test_prompts["response"].tolist())
+
+
+def score_answers(answers: list[str], references: list[str]) -> pd.DataFrame:
+    """Give back output, exact (normalised exact match) and rouge_l per answer against its reference."""
+    return pd.DataFrame({
         "output": answers,
         "exact": [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, references, strict=True)],
         "rouge_l": rouge_l(answers, references),
     })
-    return figures, scored
 
 
 STEP = Step("evaluate", __file__)
@@ -185,74 +190,19 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
         metrics.update({f"{name}_{k}": float(v) for k, v in figures.items() if not pd.isna(v)})
     per_category = samples.groupby("category").agg(scoring=("scoring", "first"), examples=("scoring", "size"),
                                                    base=("base_score", "mean"), tuned=("tuned_score", "mean"))
+
+    def score(answers: list[str], rows: pd.DataFrame) -> pd.Series:
+        scored = score_answers(answers, rows["response"].tolist())
+        return scored["exact"].astype(float).where(rows["scoring"] == "exact_match", scored["rouge_l"])
+
+    baselines = baseline_scores(samples, baseline_answers(prompts, test, normalize_answer), score)
+    for name, figures in baselines.items():
+        per_category[name] = per_category.index.map(figures["per_category"])
+    metrics.update(base_model=base_description(model_config["name"]),
+                   baselines={name: figures["overall"] for name, figures in baselines.items()})
     metrics.update(examples=len(test), per_category=per_category.round(4).to_dict(orient="index"),
                    train_final_loss=finetune_manifest.get("final_loss"), train_steps=finetune_manifest.get("steps"))
     return samples, metrics
-
-
-def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Give back the headline table: one row per metric measured, base beside tuned."""
-    return [{"metric": label, "base": round(metrics[f"base_{name}"], 4), "tuned": round(metrics[f"tuned_{name}"], 4)}
-            for name, label in METRIC_LABELS if f"tuned_{name}" in metrics and f"base_{name}" in metrics]
-
-
-def category_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"category": category or "(none)", **row} for category, row in metrics["per_category"].items()]
-
-
-def _clip(text: Any, width: int = 80) -> str:
-    text = _SPACES.sub(" ", str(text)).strip().replace("|", "\\|")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def report_markdown(metrics: dict[str, Any], samples: pd.DataFrame, count: int = 5, image: str = CURVE) -> str:
-    """Give back the evaluation report as markdown: headline table, per category, a few generations."""
-    lines = [f"# itune evaluation ({metrics['examples']} held-out test examples)", "", "| metric | base | tuned |",
-             "|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['base']:.4f} | {r['tuned']:.4f} |" for r in metric_rows(metrics)]
-    lines += ["", "| category | scoring | examples | base | tuned |", "|---|---|---|---|---|"]
-    lines += [f"| {r['category']} | {r['scoring']} | {r['examples']} | {r['base']:.3f} | {r['tuned']:.3f} |"
-              for r in category_rows(metrics)]
-    lines += ["", "## Sample generations", "", "| instruction | input | reference | base | tuned |",
-              "|---|---|---|---|---|"]
-    for row in samples.head(count).itertuples():
-        lines.append(f"| {_clip(row.instruction)} | {_clip(row.input, 40)} | {_clip(row.response, 40)} | "
-                     f"{_clip(row.base_output, 40)} | {_clip(row.tuned_output, 40)} |")
-    lines += ["", "## Loss curve", "", f"![train and val loss]({image})"]
-    return "\n".join(lines) + "\n"
-
-
-def plot_loss_curve(log_file: Path, metrics: dict[str, Any], out: Path) -> None:
-    """Write the training loss per logged step, and the val loss where it was measured, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot as plt
-
-    log = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if log_file.is_file() else []
-    train = [(e["step"], e["loss"]) for e in log if "loss" in e and "step" in e]
-    val = [(e["step"], e["eval_loss"]) for e in log if "eval_loss" in e and "step" in e]
-    val_label, val_style = "val (response tokens)", "o--"
-    if not val and "tuned_val_loss" in metrics:
-        # no val loss during training: only the start (base model) and the end (tuned) were measured, so
-        # they are drawn as two points, not a line that would invent the path between them
-        val = [(0, metrics["base_val_loss"]), (metrics.get("train_steps") or (train[-1][0] if train else 1),
-                                               metrics["tuned_val_loss"])]
-        val_label, val_style = "val (response tokens), measured at start and end only", "o"
-    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=90)
-    if train:
-        axis.plot(*zip(*train, strict=True), label="train (response tokens)", color="tab:blue")
-    if val:
-        axis.plot(*zip(*val, strict=True), val_style, label=val_label, color="tab:orange")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("cross-entropy (nats/token)")
-    axis.set_title("fine-tune loss")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
 
 
 def write_evaluate_artifact(config: EvalConfig, inputs: list[Path], out: Path) -> dict[str, Any]:
