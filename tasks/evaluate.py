@@ -164,7 +164,9 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
         pd.DataFrame, dict[str, Any]]:
     """Evaluate base and tuned models on the same examples; give back (samples frame, metrics)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar between the step's log lines
     finetune_manifest = json.loads((finetuned / "manifest.json").read_text(encoding="utf-8"))
     model_config = finetune_manifest["config"]["model"]
     tokens = pq.read_table(tokenized / "data.parquet", columns=["split", "input_ids", "labels"]).to_pandas()
