@@ -151,6 +151,9 @@ class TemplateConfig(Section):
                                "text inside {% generation %}...{% endgeneration %}; empty: the built-in one")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     test_fraction: float = Field(0.05, ge=0, lt=1)
+    split_by: str = Field("auto", min_length=1, description=(
+        "what a split keeps together: auto (built-in tasks: input + response; other data: a passage's main "
+        "sentence, else instruction + input), instruction_input, or a column name such as a document id"))
 
     @model_validator(mode="after")
     def _known_name(self) -> TemplateConfig:

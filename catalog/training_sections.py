@@ -44,6 +44,10 @@ class TrainConfig(Section):
     torch_compile: bool = False
     seed: int = 0
     logging_steps: PositiveInt = 25
+    eval_every: int = Field(0, ge=0, description="val loss every N optimizer steps; 0: about 20 points per run")
+    eval_rows: PositiveInt = Field(128, description="the fixed val subset the val loss is measured on (first rows)")
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="stop after this many val-loss points without a new best (None: never)")
     save_steps: int = Field(200, ge=0, description="checkpoint every N steps (0: only the final model)")
     work_pool: str | None = Field(None, description="run fine-tune as a deployment on this Prefect work pool")
     peft: Literal["none", "lora"] = Field("none", description="lora: train low-rank adapters (peft), publish merged")

@@ -29,6 +29,8 @@ from catalog.lineage import upstream_config
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from catalog.training_sections import EvalConfig, PromoteConfig
+from toolkit.baselines import base_description, baseline_answers, baseline_scores
+from toolkit.evaluation_report import CURVE, category_rows, plot_loss_curve, report_markdown
 from toolkit.modeling import load_base_model, pad_batch
 from toolkit.registry import Registry, headline_metrics, metric_rows
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
@@ -36,7 +38,7 @@ from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 _SPACES = re.compile(r"\s+")
 # positions per LM-head call: 2,048 x 50,257 fp32 logits are ~400 MB, the most evaluation ever holds
 _HEAD_CHUNK = 2048
-REPORT, CURVE, SAMPLES, METRICS = layout.REPORT, layout.LOSS_CURVE, layout.SAMPLES, layout.METRICS
+REPORT, SAMPLES, METRICS = layout.REPORT, layout.SAMPLES, layout.METRICS
 
 
 def normalize_answer(text: str) -> str:
@@ -141,13 +143,16 @@ def evaluate_model(model: Any, tokenized: pd.DataFrame, test_prompts: pd.DataFra
                 figures[f"{split}_loss{suffix}"] = loss
                 figures[f"{split}_perplexity{suffix}"] = math.exp(min(loss, 50))
     answers = generate_answers(model, test_prompts["prompt"].tolist(), config, max_prompt_tokens)
-    references = test_prompts["response"].tolist()
-    scored = pd.DataFrame({
+    return figures, score_answers(answers, test_prompts["response"].tolist())
+
+
+def score_answers(answers: list[str], references: list[str]) -> pd.DataFrame:
+    """Give back output, exact (normalised exact match) and rouge_l per answer against its reference."""
+    return pd.DataFrame({
         "output": answers,
         "exact": [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, references, strict=True)],
         "rouge_l": rouge_l(answers, references),
     })
-    return figures, scored
 
 
 STEP = Step("evaluate", __name__, libraries=("torch", "transformers", "tokenizers", "rouge-score"))
@@ -157,7 +162,9 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
         pd.DataFrame, dict[str, Any]]:
     """Evaluate base and tuned models on the same examples; give back (samples frame, metrics)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar between the step's log lines
     finetune_manifest = layout.read_manifest(finetuned)
     model_config = layout.trained_model_config(finetuned)
     tokens = pq.read_table(layout.data_file(tokenized), columns=["split", "input_ids", "labels"]).to_pandas()
@@ -183,68 +190,19 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
         metrics.update({f"{name}_{k}": float(v) for k, v in figures.items() if not pd.isna(v)})
     per_category = samples.groupby("category").agg(scoring=("scoring", "first"), examples=("scoring", "size"),
                                                    base=("base_score", "mean"), tuned=("tuned_score", "mean"))
+
+    def score(answers: list[str], rows: pd.DataFrame) -> pd.Series:
+        scored = score_answers(answers, rows["response"].tolist())
+        return scored["exact"].astype(float).where(rows["scoring"] == "exact_match", scored["rouge_l"])
+
+    baselines = baseline_scores(samples, baseline_answers(prompts, test, normalize_answer), score)
+    for name, figures in baselines.items():
+        per_category[name] = per_category.index.map(figures["per_category"])
+    metrics.update(base_model=base_description(model_config["name"]),
+                   baselines={name: figures["overall"] for name, figures in baselines.items()})
     metrics.update(examples=len(test), per_category=per_category.round(4).to_dict(orient="index"),
                    train_final_loss=finetune_manifest.get("final_loss"), train_steps=finetune_manifest.get("steps"))
     return samples, metrics
-
-
-def category_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"category": category or "(none)", **row} for category, row in metrics["per_category"].items()]
-
-
-def _clip(text: Any, width: int = 80) -> str:
-    text = _SPACES.sub(" ", str(text)).strip().replace("|", "\\|")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def report_markdown(metrics: dict[str, Any], samples: pd.DataFrame, count: int = 5, image: str = CURVE) -> str:
-    """Give back the evaluation report as markdown: headline table, per category, a few generations."""
-    lines = [f"# itune evaluation ({metrics['examples']} held-out test examples)", "", "| metric | base | tuned |",
-             "|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['base']:.4f} | {r['tuned']:.4f} |" for r in metric_rows(metrics)]
-    lines += ["", "| category | scoring | examples | base | tuned |", "|---|---|---|---|---|"]
-    lines += [f"| {r['category']} | {r['scoring']} | {r['examples']} | {r['base']:.3f} | {r['tuned']:.3f} |"
-              for r in category_rows(metrics)]
-    lines += ["", "## Sample generations", "", "| instruction | input | reference | base | tuned |",
-              "|---|---|---|---|---|"]
-    for row in samples.head(count).itertuples():
-        lines.append(f"| {_clip(row.instruction)} | {_clip(row.input, 40)} | {_clip(row.response, 40)} | "
-                     f"{_clip(row.base_output, 40)} | {_clip(row.tuned_output, 40)} |")
-    lines += ["", "## Loss curve", "", f"![train and val loss]({image})"]
-    return "\n".join(lines) + "\n"
-
-
-def plot_loss_curve(log_file: Path, metrics: dict[str, Any], out: Path) -> None:
-    """Write the training loss per logged step, and the val loss where it was measured, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot as plt
-
-    log = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if log_file.is_file() else []
-    train = [(e["step"], e["loss"]) for e in log if "loss" in e and "step" in e]
-    val = [(e["step"], e["eval_loss"]) for e in log if "eval_loss" in e and "step" in e]
-    val_label, val_style = "val (response tokens)", "o--"
-    if not val and "tuned_val_loss" in metrics:
-        # no val loss during training: only the start (base model) and the end (tuned) were measured, so
-        # they are drawn as two points, not a line that would invent the path between them
-        val = [(0, metrics["base_val_loss"]), (metrics.get("train_steps") or (train[-1][0] if train else 1),
-                                               metrics["tuned_val_loss"])]
-        val_label, val_style = "val (response tokens), measured at start and end only", "o"
-    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=90)
-    if train:
-        axis.plot(*zip(*train, strict=True), label="train (response tokens)", color="tab:blue")
-    if val:
-        axis.plot(*zip(*val, strict=True), val_style, label=val_label, color="tab:orange")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("cross-entropy (nats/token)")
-    axis.set_title("fine-tune loss")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out)
-    plt.close(figure)
 
 
 def write_evaluate_artifact(config: EvalConfig, inputs: list[Path], out: Path) -> dict[str, Any]:
@@ -260,7 +218,7 @@ def publish_report(folder: Path) -> None:
     """Show an evaluation in the Prefect UI: the report with its plot inline, the tables, a link to the PNG."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
+    metrics = layout.read_metrics(folder)
     # the UI cannot read the artifact folder, so the plot travels inside the markdown as a data URI
     image = "data:image/png;base64," + base64.b64encode((folder / CURVE).read_bytes()).decode("ascii")
     report = (folder / REPORT).read_text(encoding="utf-8").replace(f"]({CURVE})", f"]({image})")

@@ -42,52 +42,26 @@ from toolkit.init_weights import for_training
 from toolkit.lora import is_lora, save_adapter_and_merged, trainable_parameters, with_lora
 from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
+from toolkit.train_progress import training_progress
 
 
-def _progress_callback(logger: logging.Logger | None, max_seconds: float | None, checkpoint_dir: Path, fingerprint: str,
-               resumed: dict[str, Any] | None):
+def _checkpoint_callback(max_seconds: float | None, checkpoint_dir: Path, fingerprint: str,
+                         resumed: dict[str, Any] | None):
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):
-        """Logs loss, lr and target tokens/s, mirrors progress into a Prefect artifact, stops on the time budget."""
+    class Checkpoints(TrainerCallback):
+        """Refuses a checkpoint past the end, marks finished checkpoints, stops on the time budget."""
 
         def __init__(self) -> None:
             self.started = time.perf_counter()
-            self.targets_seen = 0
-            self.artifact_id = None
-
-        def _report(self, state, description: str) -> None:
-            if self.artifact_id is None:
-                return
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1),
-                                     description=description)
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
             if resumed is not None and resumed["global_step"] >= state.max_steps and not resumed["final"]:
                 raise CheckpointError(
                     f"checkpoint at step {resumed['global_step']} is past this run's {state.max_steps} steps; "
                     f"resuming would skip training. Delete {checkpoint_dir} to start over"
                 )
-            from prefect.context import TaskRunContext
-
-            if state.is_world_process_zero and TaskRunContext.get() is not None:
-                from prefect.artifacts import create_progress_artifact
-
-                self.artifact_id = create_progress_artifact(
-                    100.0 * state.global_step / max(state.max_steps, 1), key="itune-finetune-progress",
-                    description=f"fine-tune: step {state.global_step}/{state.max_steps}")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not (logs and "loss" in logs and state.is_world_process_zero):
-                return
-            rate = self.targets_seen / max(time.perf_counter() - self.started, 1e-9)
-            line = (f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                    f"lr {logs.get('learning_rate', 0.0):.2e} target tokens/s {rate:.0f}")
-            if logger is not None:
-                logger.info(line)
-            self._report(state, f"fine-tune: {line}")
 
         def on_step_end(self, args, state, control, **kwargs):
             if max_seconds is not None and time.perf_counter() - self.started > max_seconds:
@@ -100,10 +74,7 @@ def _progress_callback(logger: logging.Logger | None, max_seconds: float | None,
                 mark_checkpoint_complete(checkpoint_dir / f"checkpoint-{state.global_step}", fingerprint,
                                          state.global_step, final)
 
-        def on_train_end(self, args, state, control, **kwargs):
-            self._report(state, f"fine-tune finished at step {state.global_step}")
-
-    return Progress()
+    return Checkpoints()
 
 
 def _precision(train_config: TrainConfig, use_gpu: bool) -> dict[str, bool]:
@@ -118,22 +89,21 @@ def _precision(train_config: TrainConfig, use_gpu: bool) -> dict[str, bool]:
 
 def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, train_config: TrainConfig,
                 out: Path, checkpoint_dir: Path, logger: logging.Logger | None = None,
-                data_fingerprint: str | None = None, callbacks: list[Any] = ()) -> dict[str, Any]:
+                data_fingerprint: str | None = None, callbacks: list[Any] = (),
+                val_rows: list[dict[str, Any]] = ()) -> dict[str, Any]:
     """Train on tokenized rows and save the model folder into `out`; give back training figures.
 
     Checkpoints go to `checkpoint_dir`; when it holds a complete checkpoint of this same run,
-    training resumes from it (weights, optimizer, scheduler, RNG and data position).
+    training resumes from it (weights, optimizer, scheduler, RNG and data position). The val loss is
+    measured on the first `train_config.eval_rows` of `val_rows` every `eval_every` steps.
     """
     import torch
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as transformers_logging
 
-    class ProgressBarOnly(ProgressCallback):
-        """The terminal progress bar without the raw log dicts it would print to stdout."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            return None
+    transformers_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint; our bar says enough
 
     class ResponseOnlyTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -196,16 +166,19 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         activation_checkpointing=train_config.gradient_checkpointing,
         use_cpu=not use_gpu,
         ddp_backend="gloo" if world_size > 1 and not use_gpu else None,
-        disable_tqdm=False,
+        disable_tqdm=True,  # the one progress bar is toolkit/train_progress.py's
         **_precision(train_config, use_gpu),
     )
-    progress = _progress_callback(logger, train_config.max_seconds, checkpoint_dir, fingerprint, resumed)
+    val_subset = [{c: r[c] for c in columns if r.get(c) is not None} for r in val_rows[:train_config.eval_rows]]
+    progress = training_progress(logger, val_subset, pad_id, train_config.eval_every,
+                                 train_config.early_stopping_patience)
     trainer = ResponseOnlyTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=lambda rows: pad_batch(rows, pad_id), callbacks=[progress, *callbacks],
+        data_collator=lambda rows: pad_batch(rows, pad_id),
+        callbacks=[_checkpoint_callback(train_config.max_seconds, checkpoint_dir, fingerprint, resumed), progress,
+                   *callbacks],
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBarOnly)
+    trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict to stdout
     started = time.perf_counter()
     out_of_memory = None
     try:
@@ -215,6 +188,8 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
             raise
         out_of_memory = out_of_memory_message(train_config, max(len(r["input_ids"]) for r in train_rows),
                                               "GPU" if use_gpu else "CPU", world_size)
+    finally:
+        progress.close()
     if out_of_memory is not None:
         # Raised outside the except block, so the new error holds no reference to the failed step's
         # tensors, and a long-lived worker gets its memory back.
@@ -223,7 +198,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
             torch.cuda.empty_cache()
         raise TrainingOutOfMemory(out_of_memory)
     seconds = time.perf_counter() - started
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]
     trainable = trainable_parameters(model)
     if trainer.is_world_process_zero():
         if is_lora(model):  # the adapter kept beside a plain merged model that from_pretrained loads
@@ -234,7 +209,9 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         with open(layout.training_log(out), "w", encoding="utf-8") as handle:
             for entry in history:
                 handle.write(json.dumps(entry) + "\n")
-    final_loss = history[-1]["loss"] if history else float(result.training_loss)
+    train_losses = [entry["loss"] for entry in history if "loss" in entry]
+    val_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    final_loss = train_losses[-1] if train_losses else float(result.training_loss)
     return {
         "steps": trainer.state.global_step,
         "resumed_from_step": resumed["global_step"] if resumed else None,
@@ -248,6 +225,8 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         "device": "cuda" if use_gpu else "cpu",
         "world_size": world_size,
         "final_perplexity_train": math.exp(min(final_loss, 50)),
+        "final_val_loss": val_losses[-1] if val_losses else None,
+        "val_points": len(val_losses),
     }
 
 
@@ -267,18 +246,19 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     names = pq.read_schema(layout.data_file(tokenized)).names
     columns = ["split", "input_ids", "labels"] + (["position_ids"] if "position_ids" in names else [])
-    table = pq.read_table(layout.data_file(tokenized), columns=columns)
-    rows = [r for r in table.to_pylist() if r["split"] == "train"]
+    table = pq.read_table(layout.data_file(tokenized), columns=columns).to_pylist()
+    rows = [r for r in table if r["split"] == "train"]
+    val_rows = [r for r in table if r["split"] == "val"]
     if not rows:
         raise ValueError(f"{tokenized}: the train split is empty; lower template.val_fraction/test_fraction")
     model_config, train_config = ModelConfig(**config["model"]), TrainConfig(**config["train"])
     if checkpoint_dir is not None:
         figures = train_model(rows, model_config, train_config, out, checkpoint_dir, logger, data_fingerprint,
-                              callbacks)
+                              callbacks, val_rows)
     else:
         with tempfile.TemporaryDirectory(prefix=".trainer-", dir=out.parent) as work_dir:
             figures = train_model(rows, model_config, train_config, out, Path(work_dir), logger, data_fingerprint,
-                                  callbacks)
+                                  callbacks, val_rows)
     template = (upstream_manifest(tokenized, "template") or {}).get("chat_template")
     if template and int(os.environ.get("RANK", "0")) == 0:  # the folder prompts itself: transformers alone suffices
         save_model_folder_template(layout.model_dir(out), template)

@@ -3,13 +3,14 @@
 Prompt and response are kept apart so tokenize can mask the prompt. Templates: `paper`, `alpaca`,
 `chat` (a Jinja chat template, built-in or `template.chat_template`: a conversation stays one sequence whose
 assistant turns are all targets, kept as text `segments` with their `segment_kinds`; an instruction row is a
-one-turn conversation) and user templates from `template.custom`. The split comes from a hash of `id`, so adding
+one-turn conversation) and user templates from `template.custom`. The split comes from a hash of each row's group key
+(`toolkit/split_groups.py`: the item a row asks about, so one item asked in several phrasings or templates stays
+on one side), so adding
 rows never moves an old row between train, val and test.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
 from toolkit.runner import map_batches
+from toolkit.split_groups import group_keys, split_of
 
 BOS = EOS = "<|endoftext|>"
 
@@ -60,16 +62,6 @@ def render_prompt(template: str, instruction: str, input_text: str = "", parts: 
     return (with_input if input_text else without_input).format(instruction=instruction, input=input_text)
 
 
-def split_of(row_id: str, val_fraction: float, test_fraction: float) -> str:
-    """Give back train/val/test for an id, from its hash alone."""
-    bucket = int(hashlib.sha256(row_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if bucket < val_fraction:
-        return "val"
-    if bucket < val_fraction + test_fraction:
-        return "test"
-    return "train"
-
-
 def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
     """Give back id, split, category, prompt, completion and the raw fields kept for evaluation."""
     parts = template_parts(config)
@@ -87,7 +79,8 @@ def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
         pieces, kinds = [[] for _ in prompts], [[] for _ in prompts]
     return pd.DataFrame({
         "id": frame["id"],
-        "split": [split_of(i, config.val_fraction, config.test_fraction) for i in frame["id"]],
+        "split": [split_of(key, config.val_fraction, config.test_fraction)
+                  for key in group_keys(frame, config.split_by)],
         "category": frame["category"],
         "prompt": prompts,
         "completion": completions,

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from catalog.config import EvalConfig
-from tasks.evaluate import category_scoring, plot_loss_curve, report_markdown, rouge_l, token_losses
+from tasks.evaluate import category_scoring, normalize_answer, rouge_l, token_losses
+from toolkit.baselines import base_description, baseline_answers, baseline_scores
+from toolkit.evaluation_report import plot_loss_curve, report_markdown
 from toolkit.modeling import load_base_model
 from toolkit.tokenizer import IGNORE_INDEX
 
@@ -64,7 +66,33 @@ def test_report_and_loss_curve_show_what_was_measured(tmp_path):
                             "response": ["3", "7"], "base_output": ["cat", "dog"], "tuned_output": ["3", "8"]})
     report = report_markdown(metrics, samples)
     assert "| val loss (response tokens) | 10.8000 | 4.2000 |" in report
-    assert "| add | exact_match | 2 | 0.000 | 0.500 |" in report
+    assert "| add | exact_match | 2 | 0.000 | 0.500 |\n" in report
+    with_baselines = report_markdown({**metrics, "base_model": "base = random weights",
+                                      "baselines": {"most_frequent_answer": 0.5, "copy_input": 0.0},
+                                      "per_category": {"add": {**metrics["per_category"]["add"],
+                                                               "most_frequent_answer": 0.5, "copy_input": 0.0}}},
+                                     samples)
+    assert "| tuned | most frequent training answer | input copied back |" in with_baselines
+    assert "| add | exact_match | 2 | 0.000 | 0.500 | 0.500 | 0.000 |" in with_baselines
+    assert "base = random weights; no-learning baselines: most frequent training answer 0.500" in with_baselines
     assert "| Add the two numbers. | 3 4 | 7 | dog | 8 |" in report
     plot_loss_curve(log, metrics, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baselines_score_the_most_frequent_training_answer_and_the_copied_input():
+    prompts = pd.DataFrame({"split": ["train"] * 4 + ["test"] * 3,
+                            "category": ["count", "count", "count", "echo", "count", "echo", "echo"],
+                            "input": ["a b", "a", "c d", "x", "e f", "y", "z"],
+                            "response": ["2", "1", "2", "x", "2", "y", "q"]})
+    test = prompts[prompts["split"] == "test"].reset_index(drop=True)
+    answers = baseline_answers(prompts, test, normalize_answer)
+    assert answers == {"most_frequent_answer": ["2", "x", "x"], "copy_input": ["e f", "y", "z"]}
+
+    def exact(predicted, rows):
+        return pd.Series([float(p == r) for p, r in zip(predicted, rows["response"], strict=True)])
+
+    scores = baseline_scores(test, answers, exact)
+    assert scores["most_frequent_answer"] == {"overall": 0.3333, "per_category": {"count": 1.0, "echo": 0.0}}
+    assert scores["copy_input"]["per_category"] == {"count": 0.0, "echo": 0.5}
+    assert "random weights" in base_description("scratch:tiny") and "pretrained" in base_description("gpt2")

@@ -87,3 +87,28 @@ def test_lora_trains_adapters_only_and_publishes_a_plain_merged_model(tmp_path):
     base = load_base_model("scratch:tiny", 0)
     changed = [name for name, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[name])]
     assert changed and all(any(m in name for m in ("c_attn", "c_proj", "c_fc")) for name in changed)
+
+
+def test_val_loss_is_measured_on_a_fixed_subset_about_twenty_times(tmp_path):
+    val = _rows(6)
+    figures = train_model(_rows(), ModelConfig(), TrainConfig(max_steps=40, batch_size=8, logging_steps=5),
+                          tmp_path, tmp_path / "work", val_rows=val)
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    points = [entry for entry in log if "eval_loss" in entry]
+    assert [entry["step"] for entry in points] == list(range(2, 41, 2))
+    assert figures["val_points"] == 20 and figures["final_val_loss"] == points[-1]["eval_loss"]
+    assert points[-1]["eval_loss"] < points[0]["eval_loss"] - 2.0
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model", local_files_only=True)
+    assert math.isclose(response_loss(tuned, val, 8), points[-1]["eval_loss"], rel_tol=1e-4)
+
+
+def test_early_stopping_ends_training_when_val_loss_stops_improving(tmp_path):
+    # val answers the training never shows: once the train answers are learned, val loss only rises
+    val = [{**row, "input_ids": row["input_ids"][:-2] + [900, 50256], "labels": row["labels"][:-2] + [900, 50256]}
+           for row in _rows(6)]
+    figures = train_model(_rows(), ModelConfig(), TrainConfig(max_steps=200, batch_size=8, eval_every=5,
+                                                              early_stopping_patience=2),
+                          tmp_path, tmp_path / "work", val_rows=val)
+    assert figures["steps"] < 200 and figures["steps"] % 5 == 0
