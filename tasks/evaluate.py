@@ -49,14 +49,16 @@ def normalize_answer(text: str) -> str:
 def token_losses(model: Any, rows: list[dict[str, Any]], batch_size: int) -> dict[str, float]:
     """Give back mean cross-entropy per response token and per full-sequence token over `rows`.
 
-    One forward per batch serves both; the LM head runs on at most _HEAD_CHUNK positions at a time,
-    so a batch's full logits (batch x length x 50,257) never exist at once.
+    Where rows hold several answers (conversations: every assistant turn is a target), the response
+    tokens are also split into each row's first answer and its later ones (`first_answer`,
+    `later_answers`). One forward per batch serves all; the LM head runs on at most _HEAD_CHUNK
+    positions at a time, so a batch's full logits (batch x length x 50,257) never exist at once.
     """
     import torch
     import torch.nn.functional as F
 
-    sums = {"response": 0.0, "full_sequence": 0.0}
-    counts = {"response": 0, "full_sequence": 0}
+    sums = dict.fromkeys(("response", "full_sequence", "first_answer", "later_answers"), 0.0)
+    counts = dict.fromkeys(sums, 0)
     head = model.get_output_embeddings()
     model.eval()
     with torch.no_grad():
@@ -65,15 +67,21 @@ def token_losses(model: Any, rows: list[dict[str, Any]], batch_size: int) -> dic
             ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
             real = mask[:, 1:].bool()
-            targets, is_response = ids[:, 1:][real], (labels[:, 1:] != IGNORE_INDEX)[real]
+            response = labels[:, 1:] != IGNORE_INDEX
+            # an answer starts where a response token follows a non-response one: number them along each row
+            answer = torch.cumsum((response & ~F.pad(response, (1, 0))[:, :-1]).long(), dim=1)[real]
+            targets, is_response = ids[:, 1:][real], response[real]
             states = hidden[real]
             losses = torch.cat([F.cross_entropy(head(states[i:i + _HEAD_CHUNK]).float(), targets[i:i + _HEAD_CHUNK],
                                                 reduction="none") for i in range(0, len(targets), _HEAD_CHUNK)])
             sums["full_sequence"] += float(losses.sum())
             counts["full_sequence"] += len(losses)
-            sums["response"] += float(losses[is_response].sum())
-            counts["response"] += int(is_response.sum())
-    return {name: sums[name] / max(counts[name], 1) for name in sums}
+            for name, chosen in (("response", is_response), ("first_answer", is_response & (answer == 1)),
+                                 ("later_answers", is_response & (answer > 1))):
+                sums[name] += float(losses[chosen].sum())
+                counts[name] += int(chosen.sum())
+    shown = [name for name in sums if counts["later_answers"] or name not in ("first_answer", "later_answers")]
+    return {name: sums[name] / max(counts[name], 1) for name in shown}
 
 
 def response_loss(model: Any, rows: list[dict[str, Any]], batch_size: int) -> float:

@@ -96,3 +96,16 @@ def test_baselines_score_the_most_frequent_training_answer_and_the_copied_input(
     assert scores["most_frequent_answer"] == {"overall": 0.3333, "per_category": {"count": 1.0, "echo": 0.0}}
     assert scores["copy_input"]["per_category"] == {"count": 0.0, "echo": 0.5}
     assert "random weights" in base_description("scratch:tiny") and "pretrained" in base_description("gpt2")
+
+
+def test_conversation_rows_get_first_and_later_answer_losses_that_make_up_the_response_loss():
+    model = load_base_model("scratch:tiny", 0)
+    # one conversation: a user turn, an answer, a user turn, an answer (all answers are targets)
+    ids = [50256, 10, 11, 12, 20, 21, 50256, 13, 14, 30, 31, 32, 50256]
+    labels = [IGNORE_INDEX] * 4 + [20, 21, 50256] + [IGNORE_INDEX] * 2 + [30, 31, 32, 50256]
+    losses = token_losses(model, [{"input_ids": ids, "labels": labels}], 4)
+    assert {"first_answer", "later_answers"} <= set(losses)
+    # 3 target tokens in the first answer, 4 in the later one (each answer's first token follows a prompt token)
+    assert abs(losses["response"] - (3 * losses["first_answer"] + 4 * losses["later_answers"]) / 7) < 1e-4
+    single = token_losses(model, [{"input_ids": ids[:7], "labels": labels[:7]}], 4)
+    assert set(single) == {"response", "full_sequence"}
