@@ -13,12 +13,13 @@ from flows.changes import report_changes
 from flows.finetune_flow import finetune as finetune_on_pool
 from flows.lineage_artifact import publish_lineage
 from tasks.clean import clean
-from tasks.evaluate import evaluate, promote
+from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.ingest import ingest
 from tasks.template import template
 from tasks.tokenize import tokenize
 from tasks.validate import validate
+from toolkit.promotion import promote
 from toolkit.warm_start import finetune_config
 
 

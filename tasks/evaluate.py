@@ -21,18 +21,17 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from catalog import layout
-from catalog.caching import finish_step, model_note, step_task_options
+from catalog.caching import finish_step, step_task_options
 from catalog.lineage import upstream_config
 from catalog.step import Step
 from catalog.store import ArtifactRef
-from catalog.training_sections import EvalConfig, PromoteConfig
+from catalog.training_sections import EvalConfig
 from toolkit.baselines import base_description, baseline_answers, baseline_scores
 from toolkit.evaluation_report import CURVE, category_rows, plot_loss_curve, report_markdown
 from toolkit.modeling import load_base_model, pad_batch
-from toolkit.registry import Registry, headline_metrics, metric_rows
+from toolkit.registry import metric_rows
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 _SPACES = re.compile(r"\s+")
@@ -82,11 +81,6 @@ def token_losses(model: Any, rows: list[dict[str, Any]], batch_size: int) -> dic
                 counts[name] += int(chosen.sum())
     shown = [name for name in sums if counts["later_answers"] or name not in ("first_answer", "later_answers")]
     return {name: sums[name] / max(counts[name], 1) for name in shown}
-
-
-def response_loss(model: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
-    """Give back mean cross-entropy per response token over `rows`, batch by batch."""
-    return token_losses(model, rows, batch_size)["response"]
 
 
 def generate_answers(model: Any, prompts: list[str], config: EvalConfig, max_prompt_tokens: int) -> list[str]:
@@ -244,28 +238,3 @@ def evaluate(config: dict[str, Any], root: str, templated: ArtifactRef, tokenize
                               lambda out, inputs: write_evaluate_artifact(EvalConfig(**config), inputs, out))
     publish_report(ref.path)
     return finish_step(root, ref, built)
-
-
-def decision_markdown(decision: dict[str, Any]) -> str:
-    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
-    lines = [f"# Model {decision['candidate']}: {verdict} ({decision['how']})", "",
-             f"champion now: {decision['champion']} (before: {decision['champion_before']})", ""]
-    return "\n".join(lines + [f"- {reason}" for reason in decision["reasons"]]) + "\n"
-
-
-@task(name="promote", cache_policy=NO_CACHE, persist_result=False)
-def promote(config: dict[str, Any], root: str, evaluated: ArtifactRef, finetuned: ArtifactRef) -> dict[str, Any]:
-    """Prefect task: record the evaluated model in the registry and promote it if it beats the champion."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.logging import get_run_logger
-    from prefect.runtime import flow_run
-
-    manifest = evaluated.manifest()
-    candidate = {"model_key": finetuned.key, "model_uri": finetuned.uri, "evaluate_key": evaluated.key,
-                 "evaluate_uri": evaluated.uri, "metrics": headline_metrics(manifest["metrics"])}
-    decision = Registry(root).consider(candidate, PromoteConfig(**config), flow_run.id)
-    get_run_logger().info("model %s %s: %s", finetuned.key, "promoted" if decision["promoted"] else "not promoted",
-                          "; ".join(decision["reasons"]))
-    create_markdown_artifact(decision_markdown(decision) + model_note(finetuned, flow_run.id), key="itune-promotion",
-                             description="promotion decision")
-    return decision

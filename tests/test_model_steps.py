@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from catalog.config import EvalConfig, ModelConfig, TrainConfig
-from tasks.evaluate import normalize_answer, response_loss
+from tasks.evaluate import normalize_answer, token_losses
 from tasks.finetune import train_model
 from toolkit.modeling import ModelSourceError, load_base_model, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX
@@ -37,12 +37,12 @@ def test_training_lowers_loss_and_saves_a_loadable_model(tmp_path):
 
     rows = _rows()
     base = load_base_model("scratch:tiny", 0)
-    before = response_loss(base, rows, 8)
+    before = token_losses(base, rows, 8)["response"]
     figures = train_model(rows, ModelConfig(), TrainConfig(max_steps=30, batch_size=8, logging_steps=5),
                           tmp_path, tmp_path / "work")
     assert figures["steps"] == 30
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model", local_files_only=True)
-    after = response_loss(tuned, rows, 8)
+    after = token_losses(tuned, rows, 8)["response"]
     assert after < before - 2.0
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert (tmp_path / "model" / "tokenizer.json").is_file()
@@ -52,7 +52,7 @@ def test_training_lowers_loss_and_saves_a_loadable_model(tmp_path):
 
 def test_perplexity_is_exp_of_mean_response_token_loss():
     model = load_base_model("scratch:tiny", 0)
-    loss = response_loss(model, _rows(6), 4)
+    loss = token_losses(model, _rows(6), 4)["response"]
     assert math.isclose(loss, math.log(50257), rel_tol=0.05)  # an untrained model is near uniform
 
 
@@ -101,7 +101,7 @@ def test_val_loss_is_measured_on_a_fixed_subset_about_twenty_times(tmp_path):
     from transformers import AutoModelForCausalLM
 
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "model", local_files_only=True)
-    assert math.isclose(response_loss(tuned, val, 8), points[-1]["eval_loss"], rel_tol=1e-4)
+    assert math.isclose(token_losses(tuned, val, 8)["response"], points[-1]["eval_loss"], rel_tol=1e-4)
 
 
 def test_early_stopping_ends_training_when_val_loss_stops_improving(tmp_path):
