@@ -52,7 +52,10 @@ def quiet_console_tracebacks() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]itune:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # the message may quote library text with brackets ("[/pytorch/.../pair.cc:537]"): never markup
+    err.print(f"[bold red]itune:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -24,6 +24,7 @@ def tiny_overrides(root: Path, **extra: object) -> list[str]:
         "train.max_steps": 8,
         "train.batch_size": 16,
         "train.logging_steps": 4,
+        "train.eval_rows": 8,  # the val-loss points stay a small share of a few-step run
         "eval.max_examples": 16,
         "eval.max_new_tokens": 8,
         "template.val_fraction": 0.1,

@@ -86,13 +86,18 @@ def test_models_report_and_manual_promote_commands(runs):
 def test_generate_and_chat_answer_with_the_champion(runs):
     root, _, trained, _ = runs
     cli = CliRunner()
-    answer = cli.invoke(app, ["generate", "Write the words in capital letters.", "--input", "cat dog",
+    model = f"{trained['steps']['finetune']['artifact']}"
+    answer = cli.invoke(app, ["generate", "Add the two numbers.", "--input", "2 3", "--model", model,
                               "--root", str(root)])
     assert answer.exit_code == 0, answer.output
-    assert answer.output.strip()
-    model = f"{trained['steps']['finetune']['artifact']}"
+    assert answer.output.count("\n") == 1  # one answer line (a barely trained model may answer with EOS at once)
     chat = cli.invoke(app, ["chat", "--model", model, "--root", str(root)],
                       input="Add the two numbers. || 2 3\nCount the words. || cat dog\n\n")
     assert chat.exit_code == 0, chat.output
     assert "the model folder's chat template" in chat.output
-    assert chat.output.count("model> ") == 2
+    replies = [line.split("model> ", 1)[1] for line in chat.output.splitlines() if "model> " in line]
+    # chat's first turn has no history yet: the same prompt and decoding as generate, so the same answer
+    assert len(replies) == 2 and replies[0].strip() == answer.output.strip()
+    champion = cli.invoke(app, ["generate", "Write the words in capital letters.", "--input", "cat dog",
+                                "--root", str(root)])
+    assert champion.exit_code == 0 and champion.output.count("\n") == 1, champion.output

@@ -62,18 +62,29 @@ def _to_stderr(line: str) -> None:
 
 
 def _failure(folder: Path, tail: list[str], code: int) -> str:
-    """Give back one line: the first failed rank and its cause (its Python error, or how it died)."""
-    reports = sorted(folder.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    if reports:
-        first = json.loads(reports[0].read_text(encoding="utf-8"))
-        return f"rank {first['rank']} failed: {first['error']}"
+    """Give back one line: the rank that failed first and its cause (its Python error, or how it died).
+
+    torchrun names the first failure it observed ("Root Cause"); the other ranks' errors (a peer's
+    connection reset, say) follow from it, so it is preferred over their reports.
+    """
+    reports = {int(p.stem.split("-")[1]): json.loads(p.read_text(encoding="utf-8"))
+               for p in folder.glob("rank-*.json")}
     text = "\n".join(tail)
-    rank = re.search(r"rank\s*:\s*(\d+)", text)
-    exitcode = re.search(r"exitcode\s*:\s*(-?\d+)", text)
-    if rank and exitcode:
-        number = int(exitcode.group(1))
-        how = f"killed by {signal.Signals(-number).name}" if number < 0 else f"exit code {number}"
-        return f"rank {rank.group(1)} died ({how}) without a Python error; the launcher stopped the other ranks"
+    root_cause = text.split("Root Cause", 1)[1] if "Root Cause" in text else ""
+    rank = re.search(r"rank\s*:\s*(\d+)", root_cause)
+    exitcode = re.search(r"exitcode\s*:\s*(-?\d+)", root_cause)
+    if rank:
+        first = int(rank.group(1))
+        number = int(exitcode.group(1)) if exitcode else code
+        if number < 0:
+            return (f"rank {first} died (killed by {signal.Signals(-number).name}) without a Python error; "
+                    "the launcher stopped the other ranks")
+        if first in reports:
+            return f"rank {first} failed: {reports[first]['error']}"
+        return f"rank {first} exited with code {number}"
+    if reports:
+        first = min(reports)
+        return f"rank {first} failed: {reports[first]['error']}"
     return f"the distributed launch failed with exit code {code}: {tail[-1] if tail else 'no output'}"
 
 
