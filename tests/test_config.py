@@ -6,7 +6,7 @@ from tasks.config import ConfigError, load_config
 def test_defaults_are_the_offline_quickstart():
     cfg = load_config()
     assert cfg.data.source == "builtin:tasks"
-    assert cfg.model.name == "scratch:tiny"
+    assert cfg.model.name == "scratch:tiny-deep"
     assert cfg.artifacts.root == "itune-artifacts"
     assert cfg.train.max_steps == -1
 
