@@ -10,11 +10,13 @@ from catalog.sections import Section
 
 
 class ModelConfig(Section):
-    name: str = "scratch:tiny"
+    name: str = "scratch:tiny-deep"
     init_seed: int = 0
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout of from-scratch models")
     trust_remote_code: bool = Field(False, description="allow a folder/Hub model to run its own Python code")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    position_init: Literal["random", "sinusoidal"] = Field(
+        "sinusoidal", description="from-scratch models: position embeddings start as sines and cosines or random")
     hub_token_secret: str | None = Field(
         None, description="name of a Prefect Secret block holding a Hugging Face Hub token (default: HF_TOKEN)")
 
@@ -29,11 +31,12 @@ class LoraSettings(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(7.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="-1: run the full epochs")
+    max_steps: int = Field(800, ge=-1, description="optimizer steps; -1: run the full epochs")
     max_seconds: float | None = Field(None, gt=0, description="stop early after this much training time")
     batch_size: PositiveInt = 32
     learning_rate: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    adam_beta2: float = Field(0.98, gt=0, lt=1)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     gradient_accumulation_steps: PositiveInt = 1

@@ -179,7 +179,8 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
     scoring = category_scoring(prompts, config, checkable=str(source).startswith("builtin:"))
     tuned = AutoModelForCausalLM.from_pretrained(layout.model_dir(finetuned), local_files_only=True)
     base = load_base_model(model_config["name"], model_config["init_seed"], model_config.get("dropout", 0.0),
-                           hub_token_secret=model_config.get("hub_token_secret"))
+                           hub_token_secret=model_config.get("hub_token_secret"),
+                           position_init=model_config.get("position_init", "random"))
     max_prompt_tokens = tuned.config.n_positions - config.max_new_tokens
     samples = test.assign(scoring=test["category"].map(scoring))
     metrics: dict[str, Any] = {}

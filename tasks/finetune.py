@@ -123,7 +123,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     model = load_base_model(model_config.name, model_config.init_seed, model_config.dropout,
                             trust_remote_code=model_config.trust_remote_code,
                             attn_implementation=model_config.attn_implementation,
-                            hub_token_secret=model_config.hub_token_secret)
+                            hub_token_secret=model_config.hub_token_secret, position_init=model_config.position_init)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.eos_token_id
     pad_id = model.config.pad_token_id  # the model's own: a small-vocabulary model may not have GPT-2's 50256
@@ -149,6 +149,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         gradient_accumulation_steps=train_config.gradient_accumulation_steps,
         learning_rate=train_config.learning_rate,
         weight_decay=train_config.weight_decay,
+        adam_beta2=train_config.adam_beta2,
         optim="adamw_torch_fused",  # one kernel per step on CUDA and CPU (torch >= 2.4)
         warmup_steps=train_config.warmup_ratio,  # transformers 5: a value below 1 is a ratio of all steps
         lr_scheduler_type=train_config.lr_scheduler,

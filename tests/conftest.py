@@ -21,6 +21,7 @@ def tiny_overrides(root: Path, **extra: object) -> list[str]:
     values = {
         "artifacts.root": str(root),
         "data.builtin_examples": 300,
+        "model.name": "scratch:tiny",  # 2 layers: the quickstart's 4 would only make tests slower
         "train.max_steps": 8,
         "train.batch_size": 16,
         "train.logging_steps": 4,

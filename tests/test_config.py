@@ -6,9 +6,9 @@ from catalog.config import ConfigError, load_config
 def test_defaults_are_the_offline_quickstart():
     cfg = load_config()
     assert cfg.data.source == "builtin:tasks"
-    assert cfg.model.name == "scratch:tiny"
+    assert cfg.model.name == "scratch:tiny-deep"
     assert cfg.artifacts.root == "itune-artifacts"
-    assert cfg.train.max_steps == -1
+    assert cfg.train.max_steps == 800
 
 
 def test_quickstart_yaml_matches_the_built_in_defaults(tmp_path):

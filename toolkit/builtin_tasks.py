@@ -1,7 +1,11 @@
 """The offline default dataset: instruction tasks whose answers can be checked exactly.
 
-Seven families, each a short instruction (in a few phrasings) with its items in the input field,
+Six families, each a short instruction (in a few phrasings) with its items in the input field,
 so held-out accuracy measures whether the model learned the rule rather than memorised the pairs.
+Every kind of input is asked under several families (a word list: reverse, count or upper-case it; a
+list of digits: sort it or give the largest; a table: the value of the key the instruction names), so
+only the instruction tells which answer is wanted. Items are spaced so each word, digit and value is one
+GPT-2 token that the answer can copy.
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
-GENERATOR_VERSION = "builtin-tasks-v2"
+GENERATOR_VERSION = "builtin-tasks-v3"
 
+# Each word, and its upper-case form, is one GPT-2 token (" cat" -> " CAT"), so upper-casing is a word-for-word
+# mapping the model can learn rather than a re-spelling into other sub-word pieces.
 WORDS = (
-    "cat dog sun moon tree river stone bird fish apple green blue red house car road book door "
-    "rain snow wind fire water light night day star cloud hill lake sea ship king queen horse "
-    "bread milk salt gold iron glass paper music song dance game ball hand foot eye ear"
+    "cat sun red house car book fire night day star sea king gold game ball ear box map bus key ice man art "
+    "air arm bar cap card city code face fun head hero home law leg life line love name news note page park "
+    "plan rock school sign space step table team time top view week world year"
 ).split()
 
 Example = tuple[str, str, str]  # instruction, input, response
@@ -34,8 +40,12 @@ def reverse_words(rng: random.Random) -> Example:
     return ask, " ".join(words), " ".join(reversed(words))
 
 
+def _digits(rng: random.Random, fewest: int) -> list[int]:
+    return rng.sample(range(10), rng.randint(fewest, 6))
+
+
 def sort_numbers(rng: random.Random) -> Example:
-    numbers = rng.sample(range(10), rng.randint(3, 6))
+    numbers = _digits(rng, 3)
     ask = _say(rng, "Sort the numbers from smallest to largest.", "Sort these numbers.", "Put the numbers in order.")
     return ask, " ".join(map(str, numbers)), " ".join(
         map(str, sorted(numbers))
@@ -54,23 +64,17 @@ def uppercase(rng: random.Random) -> Example:
     return ask, " ".join(words), " ".join(words).upper()
 
 
-def add_numbers(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    ask = _say(rng, "Add the two numbers.", "What is the sum of the numbers?", "Add these numbers.")
-    return ask, f"{a} {b}", str(a + b)
-
-
 def lookup_value(rng: random.Random) -> Example:
     keys = rng.sample("abcdefgh", rng.randint(3, 5))
     values = {key: rng.randint(0, 9) for key in keys}
     wanted = rng.choice(keys)
-    table = ", ".join(f"{key}={value}" for key, value in values.items())
+    table = ", ".join(f"{key} = {value}" for key, value in values.items())
     ask = _say(rng, f"Look up the value of {wanted}.", f"What is {wanted}?", f"Give the value of {wanted}.")
     return ask, table, str(values[wanted])
 
 
 def largest_number(rng: random.Random) -> Example:
-    numbers = rng.sample(range(100), rng.randint(2, 5))
+    numbers = _digits(rng, 2)
     ask = _say(rng, "Give the largest number.", "Which number is the largest?", "Find the maximum.")
     return ask, " ".join(map(str, numbers)), str(max(numbers))
 
@@ -80,7 +84,6 @@ FAMILIES: dict[str, Callable[[random.Random], Example]] = {
     "sort_numbers": sort_numbers,
     "count_words": count_words,
     "uppercase": uppercase,
-    "add_numbers": add_numbers,
     "lookup_value": lookup_value,
     "largest_number": largest_number,
 }

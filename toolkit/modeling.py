@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # From-scratch GPT-2 sizes: (layers, width, heads). "small" is GPT-2 124M's shape.
 SCRATCH_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 128, 2),
+    "tiny-deep": (4, 128, 4),  # the quickstart's: tiny's cost is mostly the LM head, so depth comes cheap
     "mini": (4, 256, 4),
     "small": (12, 768, 12),
     "medium": (24, 1024, 16),
@@ -67,7 +68,7 @@ def hub_token(secret_block: str | None = None) -> str | None:
 
 def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_positions: int = 1024, *,
                     trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                    hub_token_secret: str | None = None) -> PreTrainedModel:
+                    hub_token_secret: str | None = None, position_init: str = "random") -> PreTrainedModel:
     """Give back the model fine-tuning starts from: fresh GPT-2 weights, a local folder, or a Hub id.
 
     Remote code stays off unless the config asks for it: a folder or Hub repo could otherwise run
@@ -85,7 +86,10 @@ def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_pos
             resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         )
         torch.manual_seed(init_seed)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        if position_init == "sinusoidal":
+            sinusoidal_positions(model.transformer.wpe.weight)
+        return model
     # Read even for a local folder: a block named in the config that cannot be read is an error to report, not skip.
     options = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation,
                "token": hub_token(hub_token_secret)}
@@ -106,6 +110,21 @@ def load_base_model(name: str, init_seed: int = 0, dropout: float = 0.0, max_pos
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.pad_token_id
     return model
+
+
+def sinusoidal_positions(weight: torch.Tensor, scale: float = 0.05) -> None:
+    """Set a position-embedding matrix to the Transformer paper's sines and cosines, in place.
+
+    Offsets between positions are then linear maps from the first step, which attention heads that look a fixed
+    distance back (copying, reversing) pick up sooner than from random vectors; the values stay trainable.
+    """
+    import torch
+
+    positions, width = weight.shape
+    angles = torch.arange(positions).unsqueeze(1) / 10000 ** (torch.arange(0, width, 2) / width)
+    with torch.no_grad():
+        weight[:, 0::2] = torch.sin(angles) * scale
+        weight[:, 1::2] = torch.cos(angles) * scale
 
 
 def response_token_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], reduction: str = "mean"

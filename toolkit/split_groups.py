@@ -15,28 +15,32 @@ _SPACES = re.compile(r"\s+")
 _SENTENCE_END = re.compile(r"\n|\"|(?<=[.!?:])\s")
 _WORD = re.compile(r"\w+")
 BUILTIN_SOURCE = "builtin:tasks:"
-# A sentence of at least this many words inside a prompt is taken for part of a passage (an article, a
-# context) that the data may ask about under several templates or questions.
-PASSAGE_WORDS = 12
+# A sentence of at least this many words is taken for part of a passage (an article, a context, a review) that
+# the data may ask about under several templates or questions: templates' own sentences are shorter.
+PASSAGE_WORDS = 20
 
 
 def _normalised(text: str) -> str:
     return _SPACES.sub(" ", text).strip().lower()
 
 
+def passage_sentences(text: str) -> set[str]:
+    """Give back the long sentences of a text (20+ words; lower case, words only): what marks its passage."""
+    found = (" ".join(_WORD.findall(part.lower())) for part in _SENTENCE_END.split(text))
+    return {sentence for sentence in found if sentence.count(" ") + 1 >= PASSAGE_WORDS}
+
+
 def item_key(instruction: str, input_text: str) -> str:
-    """Give back the item a user row asks about: its passage's main sentence, else instruction + input.
+    """Give back the item a user row asks about: its passage when it has one, else instruction + input.
 
     Prompt/completion data such as T0 renders one passage through many templates (passage first, question
-    first, quoted, with choices, with one question or another): the sentence with the most long words
-    (sentences end at a line break, a quote or a full stop), as words without punctuation or case, is what
-    they share whatever wraps it.
+    first, quoted, with choices, with one question or another). What they share whatever wraps the passage is
+    its long sentences (sentences end at a line break, a quote or a full stop); of those, the one with the
+    smallest hash names the passage, so every rendering of it picks the same one.
     """
-    sentences = [_WORD.findall(part.lower()) for part in _SENTENCE_END.split(instruction + "\n" + input_text)]
-    # the most long words: a passage's sentences carry names and content, a template's sentences few
-    longest = max(sentences, key=lambda words: (sum(len(word) > 4 for word in words), words), default=[])
-    if len(longest) >= PASSAGE_WORDS:
-        return "passage\x1f" + " ".join(longest)
+    sentences = passage_sentences(instruction + "\n" + input_text)
+    if sentences:
+        return "passage\x1f" + min(sentences, key=lambda text: hashlib.sha256(text.encode("utf-8")).digest())
     return "item\x1f" + _normalised(instruction) + "\x1f" + _normalised(input_text)
 
 
