@@ -18,6 +18,7 @@ import pytest
 from catalog.config import STEPS
 from tests.conftest import REPO, tiny_overrides
 from tests.servers import chromium, free_port, prefect_env, start, stop, wait_healthy
+from toolkit.builtin_tasks import GENERATOR_VERSION
 
 DEAD_UI = "Can't connect to Server API"
 
@@ -105,7 +106,7 @@ def test_an_all_cached_runs_page_reaches_its_models_source_files_in_two_clicks(t
         markdown = lineage[0]["data"]
         for step in STEPS[:-1]:  # the model's chain; its evaluation is linked in the header
             assert f"[{step} {again['steps'][step]['key'][:8]}](/artifacts/artifact/" in markdown, step
-        assert "builtin:tasks" in markdown and "builtin-tasks-v2" in markdown and "reused, built by run" in markdown
+        assert "builtin:tasks" in markdown and GENERATOR_VERSION in markdown and "reused, built by run" in markdown
         tables = {a["key"]: a for a in artifacts if a["type"] == "table"}
         assert {f"itune-{step}" for step in STEPS} <= set(tables)  # published on cache hits too
         assert json.loads(tables["itune-clean"]["data"])[0]["upstream"].startswith("[ingest ")
@@ -119,8 +120,8 @@ def test_an_all_cached_runs_page_reaches_its_models_source_files_in_two_clicks(t
             browser.save_screenshot(str(shots / "run-page.png"))
             _click(browser, "//*[normalize-space(.)='Artifacts']")  # click 1: the run's Artifacts tab
             _click(browser, "//a[contains(., 'itune-lineage')]")  # click 2: its lineage artifact
-            text = _page_text(browser, "", "builtin-tasks-v2")
-            assert "Source files" in text and "builtin-tasks-v2" in text, text[-2000:]
+            text = _page_text(browser, "", GENERATOR_VERSION)
+            assert "Source files" in text and GENERATOR_VERSION in text, text[-2000:]
             assert browser.current_url.endswith(f"/artifacts/artifact/{lineage[0]['id']}")
             browser.save_screenshot(str(shots / "lineage.png"))
             from selenium.webdriver.common.by import By

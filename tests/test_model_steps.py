@@ -78,7 +78,8 @@ def test_lora_trains_adapters_only_and_publishes_a_plain_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     settings = TrainConfig(max_steps=6, batch_size=8, learning_rate=1e-2, save_steps=0, logging_steps=2, peft="lora")
-    figures = train_model(_rows(), ModelConfig(name="scratch:tiny"), settings, tmp_path, tmp_path / "checkpoints")
+    model = ModelConfig(name="scratch:tiny", position_init="random")  # the same start as load_base_model's below
+    figures = train_model(_rows(), model, settings, tmp_path, tmp_path / "checkpoints")
     assert 0 < figures["trainable_parameters"] < figures["parameters"] / 50 and figures["peft"] == "lora"
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
