@@ -29,10 +29,9 @@ from catalog.store import ArtifactRef, ArtifactStore
 from catalog.training_sections import ModelConfig, TrainConfig
 from toolkit.chat_template import save_model_folder_template
 from toolkit.checkpoints import (
-    CheckpointError,
     TrainingOutOfMemory,
+    checkpoint_callback,
     is_out_of_memory,
-    mark_checkpoint_complete,
     out_of_memory_message,
     resumable_checkpoint,
     rows_fingerprint,
@@ -43,38 +42,6 @@ from toolkit.lora import is_lora, save_adapter_and_merged, trainable_parameters,
 from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 from toolkit.train_progress import training_progress
-
-
-def _checkpoint_callback(max_seconds: float | None, checkpoint_dir: Path, fingerprint: str,
-                         resumed: dict[str, Any] | None):
-    from transformers import TrainerCallback
-
-    class Checkpoints(TrainerCallback):
-        """Refuses a checkpoint past the end, marks finished checkpoints, stops on the time budget."""
-
-        def __init__(self) -> None:
-            self.started = time.perf_counter()
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-            if resumed is not None and resumed["global_step"] >= state.max_steps and not resumed["final"]:
-                raise CheckpointError(
-                    f"checkpoint at step {resumed['global_step']} is past this run's {state.max_steps} steps; "
-                    f"resuming would skip training. Delete {checkpoint_dir} to start over"
-                )
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if max_seconds is not None and time.perf_counter() - self.started > max_seconds:
-                control.should_training_stop = True
-                control.should_save = True
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                final = state.global_step >= state.max_steps or control.should_training_stop
-                mark_checkpoint_complete(checkpoint_dir / f"checkpoint-{state.global_step}", fingerprint,
-                                         state.global_step, final)
-
-    return Checkpoints()
 
 
 def _precision(train_config: TrainConfig, use_gpu: bool) -> dict[str, bool]:
@@ -176,7 +143,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     trainer = ResponseOnlyTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=lambda rows: pad_batch(rows, pad_id),
-        callbacks=[_checkpoint_callback(train_config.max_seconds, checkpoint_dir, fingerprint, resumed), progress,
+        callbacks=[checkpoint_callback(train_config.max_seconds, checkpoint_dir, fingerprint, resumed), progress,
                    *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # with tqdm off, Trainer would print every log dict to stdout

@@ -121,3 +121,38 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> tuple[Path, 
             f"this run {fingerprint}); delete {checkpoint_dir} to start over"
         )
     return folder, mark
+
+
+def checkpoint_callback(max_seconds: float | None, checkpoint_dir: Path, fingerprint: str,
+                        resumed: dict[str, Any] | None) -> Any:
+    """Give back the Trainer callback that keeps checkpoints resumable: whole ones marked, none past the end."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        """Refuses a checkpoint past the end, marks finished checkpoints, stops on the time budget."""
+
+        def __init__(self) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            if resumed is not None and resumed["global_step"] >= state.max_steps and not resumed["final"]:
+                raise CheckpointError(
+                    f"checkpoint at step {resumed['global_step']} is past this run's {state.max_steps} steps; "
+                    f"resuming would skip training. Delete {checkpoint_dir} to start over"
+                )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if max_seconds is not None and time.perf_counter() - self.started > max_seconds:
+                control.should_training_stop = True
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                final = state.global_step >= state.max_steps or control.should_training_stop
+                mark_checkpoint_complete(checkpoint_dir / f"checkpoint-{state.global_step}", fingerprint,
+                                         state.global_step, final)
+
+    return Checkpoints()
