@@ -16,7 +16,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
 from catalog.keys import sha256_text
-from catalog.step import Step
+from catalog.step import Step, current_run_ids
 from catalog.store import ArtifactRef, ArtifactStore
 
 LINEAGE_KEY = "itune-lineage"
@@ -112,13 +112,6 @@ def model_note(model: ArtifactRef, flow_run_id: Any) -> str:
     return f"\nmodel `{model.uri}` · [its lineage back to the source files]({ui_link(page)})\n"
 
 
-def _current_run() -> tuple[str | None, str | None]:
-    context = TaskRunContext.get()
-    if context is None:
-        return None, None
-    return str(context.task_run.flow_run_id or "") or None, str(context.task_run.id)
-
-
 def _publish_lineage(store: ArtifactStore, ref: ArtifactRef, manifest: dict[str, Any], reused: bool) -> None:
     """Emit Prefect asset events for a step's artifact and publish its `itune-<step>` table artifact.
 
@@ -131,7 +124,8 @@ def _publish_lineage(store: ArtifactStore, ref: ArtifactRef, manifest: dict[str,
     from prefect.context import AssetContext
     from prefect.events import emit_event
 
-    flow_run_id, task_run_id = _current_run()
+    ids = current_run_ids() or {}
+    flow_run_id, task_run_id = ids.get("flow_run_id"), ids.get("task_run_id")
     uri = store.uri_of(ref.step, ref.key)
     asset = AssetContext.asset_as_resource(Asset(key=asset_key(uri)))
     inputs = manifest.get("inputs", [])
@@ -155,14 +149,17 @@ def _publish_lineage(store: ArtifactStore, ref: ArtifactRef, manifest: dict[str,
     sources = [source["source"] for source in manifest.get("sources") or []]
     origin = ", ".join(artifact_link(entry["step"], entry["key"], flow_run_id) for entry in inputs) \
         or "source: " + ", ".join(f"`{source}`" for source in sources)
-    how = f"reused, built by run {run_link(built_by)}" if reused and built_by else \
-        "reused" if reused else "built by this run"
+    if not reused:
+        how = note = "built by this run"
+    elif built_by:  # the table links the builder's run page; the description can only name it
+        how, note = f"reused, built by run {run_link(built_by)}", f"reused, built by run {str(built_by)[:8]}"
+    else:
+        how = note = "reused"
     create_table_artifact(
         key=f"itune-{ref.step}",
         table=[{"upstream": origin, "key": ref.key, "rows": ref.rows, "sha256": ref.sha256[:12], "run": how,
                 "artifact": asset["prefect.resource.id"]}],
-        description=f"itune {ref.step} {ref.key[:8]}: " + (f"reused, built by run {str(built_by)[:8]}" if reused and
-                                                             built_by else "reused" if reused else "built by this run"),
+        description=f"itune {ref.step} {ref.key[:8]}: {note}",
     )
 
 

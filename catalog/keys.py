@@ -140,12 +140,13 @@ def artifact_key(step: str, config: dict[str, Any], input_keys: list[str], code:
     return sha256_text(canonical_json(payload))[:16]
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Give back a nested config as {dotted key: value}; an empty mapping is a value of its own."""
+    if not isinstance(tree, dict) or not tree:
         return {prefix: tree}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
@@ -178,7 +179,7 @@ def rebuild_reasons(previous: dict[str, Any] | None, planned: dict[str, Any]) ->
     if previous.get("source_fingerprint", planned["source"]) != planned["source"]:
         reasons.append(f"source data: fingerprint {str(previous.get('source_fingerprint'))[:12]} -> "
                        f"{planned['source'][:12]}")
-    reasons += _changes("config key", _flat(previous.get("config") or {}), _flat(planned["config"]))
+    reasons += _changes("config key", flatten(previous.get("config") or {}), flatten(planned["config"]))
     old_code = previous.get("code") or {}
     if not old_code:
         reasons.append("code: the earlier artifact records no per-module versions (built by an older itune)")

@@ -98,7 +98,7 @@ class Step:
             "code": planned["code"],
             "source_fingerprint": planned["source"],
             "rebuilt_because": reasons,
-            "built_by": _run_ids(),
+            "built_by": current_run_ids(),
         }
         with store.writing(self.name, key, record) as out:
             record.update(build(out, input_dirs))
@@ -134,8 +134,8 @@ def _log_to_run(message: str) -> None:
         pass  # called outside a flow run (a test or a script calling the step directly): nobody to tell
 
 
-def _run_ids() -> dict[str, str] | None:
-    """Give back the Prefect flow run and task run building this artifact, when inside one."""
+def current_run_ids() -> dict[str, str | None] | None:
+    """Give back the Prefect flow run and task run this code runs in (None outside any run)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     flow_run, task_run = FlowRunContext.get(), TaskRunContext.get()

@@ -14,6 +14,7 @@ from typing import Any
 from catalog import layout
 from catalog.caching import LINEAGE_KEY, artifact_link, run_link
 from catalog.config import STEPS
+from catalog.keys import flatten
 from catalog.lineage import lineage
 from catalog.store import ArtifactRef, sha256_file
 from tasks.ingest import BUILTIN, source_fingerprint
@@ -25,16 +26,8 @@ CONFIG_CHARS = 300
 
 def config_summary(config: dict[str, Any] | None) -> str:
     """Give back a step's config as `a.b=value` pairs on one line, cut at CONFIG_CHARS characters."""
-    pairs: list[str] = []
-
-    def walk(tree: Any, prefix: str) -> None:
-        if isinstance(tree, dict) and tree:
-            for name, value in tree.items():
-                walk(value, f"{prefix}.{name}" if prefix else str(name))
-        else:
-            pairs.append(f"{prefix}={json.dumps(tree, default=str) if not isinstance(tree, str) else tree}")
-
-    walk(config or {}, "")
+    pairs = [f"{name}={value if isinstance(value, str) else json.dumps(value, default=str)}"
+             for name, value in flatten(config).items()] if config else []
     text = ", ".join(pairs) or "(none)"
     return text if len(text) <= CONFIG_CHARS else text[:CONFIG_CHARS - 1] + "…"
 
