@@ -5,8 +5,8 @@ Prompt and response are kept apart so tokenize can mask the prompt. Templates: `
 assistant turns are all targets, kept as text `segments` with their `segment_kinds`; an instruction row is a
 one-turn conversation) and user templates from `template.custom`. The split comes from a hash of each row's group key
 (`toolkit/split_groups.py`: the item a row asks about, so one item asked in several phrasings or templates stays
-on one side), so adding
-rows never moves an old row between train, val and test.
+on one side; rows sharing a passage are joined over the whole table), so adding rows never moves an old row
+between train, val and test unless a new row shows that two old groups ask about one passage.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
 from toolkit.runner import map_batches
-from toolkit.split_groups import group_keys, split_of
+from toolkit.split_groups import table_splits
 
 BOS = EOS = "<|endoftext|>"
 
@@ -79,8 +79,9 @@ def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
         pieces, kinds = [[] for _ in prompts], [[] for _ in prompts]
     return pd.DataFrame({
         "id": frame["id"],
-        "split": [split_of(key, config.val_fraction, config.test_fraction)
-                  for key in group_keys(frame, config.split_by)],
+        # write_template decides splits over the whole table first (rows sharing a passage may be far apart).
+        "split": frame["split"] if "split" in frame else table_splits(
+            [frame], config.split_by, config.val_fraction, config.test_fraction),
         "category": frame["category"],
         "prompt": prompts,
         "completion": completions,
@@ -105,12 +106,27 @@ def template_batch(batch: pa.RecordBatch, config: TemplateConfig) -> pa.Table:
     return pa.Table.from_pandas(apply_template(batch.to_pandas(), config), TEMPLATED_SCHEMA, preserve_index=False)
 
 
+def _with_offsets(batches: Any) -> Any:
+    start = 0
+    for batch in batches:
+        yield start, batch
+        start += batch.num_rows
+
+
 def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000,
                    runner: RunnerConfig | None = None) -> dict[str, Any]:
     """Render the validated rows in Arrow batches into data.parquet; give back counts per split."""
     splits: dict[str, int] = {}
     rows = 0
-    batches = pq.ParquetFile(layout.data_file(validated), pre_buffer=False).iter_batches(batch_size=batch_rows)
+    table = pq.ParquetFile(layout.data_file(validated), pre_buffer=False)
+    needed = [name for name in ("instruction", "input", "response", "source", config.split_by)
+              if name in table.schema_arrow.names]
+    if config.split_by not in (*needed, "auto", "instruction_input"):
+        needed = None  # so the unknown-column error lists every column
+    row_splits = pa.array(table_splits((batch.to_pandas() for batch in table.iter_batches(batch_rows, columns=needed)),
+                                       config.split_by, config.val_fraction, config.test_fraction), pa.string())
+    batches = (batch.append_column("split", row_splits.slice(start, batch.num_rows)) for start, batch in
+               _with_offsets(table.iter_batches(batch_size=batch_rows)))
     with pq.ParquetWriter(layout.data_file(out), TEMPLATED_SCHEMA) as writer:
         for templated in map_batches(template_batch, batches, config, runner=runner, step="template"):
             writer.write_table(templated)

@@ -8,9 +8,10 @@ import pytest
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig
 from tasks.clean import normalize_text, write_clean
 from tasks.ingest import IngestError, write_ingest
-from tasks.template import apply_template, split_of
+from tasks.template import apply_template
 from tasks.tokenize import fit_example, write_tokenize
 from tasks.validate import check_clean_data, write_validate
+from toolkit.split_groups import split_of
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
 

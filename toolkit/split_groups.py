@@ -1,13 +1,16 @@
 """Which split a row lands in: a hash of its group key, so held-out items are never trained on.
 
 One item asked in several phrasings (the built-in tasks) or one passage under many templates (T0) shares
-a group key, so all its rows land on the same side; a new row never moves an old one.
+a group key, so all its rows land on the same side; a new row never moves an old one, except to join a passage
+that it proves two old groups share (then the later group follows the earlier one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import defaultdict
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -18,6 +21,8 @@ BUILTIN_SOURCE = "builtin:tasks:"
 # A sentence of at least this many words is taken for part of a passage (an article, a context, a review) that
 # the data may ask about under several templates or questions: templates' own sentences are shorter.
 PASSAGE_WORDS = 20
+Passage = tuple[bytes, ...]
+TEMPLATE_TEXT_ROWS = 32
 
 
 def _normalised(text: str) -> str:
@@ -30,43 +35,92 @@ def passage_sentences(text: str) -> set[str]:
     return {sentence for sentence in found if sentence.count(" ") + 1 >= PASSAGE_WORDS}
 
 
-def item_key(instruction: str, input_text: str) -> str:
-    """Give back the item a user row asks about: its passage when it has one, else instruction + input.
-
-    Prompt/completion data such as T0 renders one passage through many templates (passage first, question
-    first, quoted, with choices, with one question or another). What they share whatever wraps the passage is
-    its long sentences (sentences end at a line break, a quote or a full stop); of those, the one with the
-    smallest hash names the passage, so every rendering of it picks the same one.
-    """
-    sentences = passage_sentences(instruction + "\n" + input_text)
-    if sentences:
-        return "passage\x1f" + min(sentences, key=lambda text: hashlib.sha256(text.encode("utf-8")).digest())
-    return "item\x1f" + _normalised(instruction) + "\x1f" + _normalised(input_text)
+def _passage(instruction: str, input_text: str) -> Passage:
+    return tuple(sorted(hashlib.blake2b(sentence.encode("utf-8"), digest_size=8).digest()
+                        for sentence in passage_sentences(instruction + "\n" + input_text)))
 
 
-def group_keys(frame: pd.DataFrame, split_by: str) -> list[str]:
-    """Give back each row's split group: rows of one group always land in the same split.
+def row_groups(frame: pd.DataFrame, split_by: str) -> tuple[list[str], list[Passage]]:
+    """Give back each row's own group key, and the digests of its passage's long sentences (user data, `auto`).
 
     `auto`: built-in tasks by their normalised (input, response), so one item asked in several phrasings is
-    held out whole; other data by `item_key`. `instruction_input`: normalised instruction + input. Any other
-    value names a column (a conversation or document id, say).
+    held out whole; other data by normalised instruction + input, joined across rows by `join_passages`.
+    `instruction_input`: normalised instruction + input. Any other value names a column (a conversation or
+    document id, say).
     """
     if split_by not in ("auto", "instruction_input"):
         if split_by not in frame.columns:
             raise ValueError(f"template.split_by: no column '{split_by}' (columns: {', '.join(frame.columns)}; "
                              "or auto, instruction_input)")
-        return ["column\x1f" + str(value) for value in frame[split_by]]
+        return ["column\x1f" + str(value) for value in frame[split_by]], [()] * len(frame)
     sources = frame["source"] if "source" in frame else pd.Series("", index=frame.index)
-    keys = []
+    keys, passages = [], []
     for instruction, input_text, response, source in zip(frame["instruction"], frame["input"], frame["response"],
                                                          sources, strict=True):
-        if split_by == "instruction_input":
-            keys.append("item\x1f" + _normalised(instruction) + "\x1f" + _normalised(input_text))
-        elif str(source).startswith(BUILTIN_SOURCE):
+        if split_by == "auto" and str(source).startswith(BUILTIN_SOURCE):
             keys.append("answer\x1f" + _normalised(input_text) + "\x1f" + _normalised(response))
-        else:
-            keys.append(item_key(instruction, input_text))
-    return keys
+            passages.append(())
+            continue
+        keys.append("item\x1f" + _normalised(instruction) + "\x1f" + _normalised(input_text))
+        passages.append(_passage(instruction, input_text) if split_by == "auto" else ())
+    return keys, passages
+
+
+def _is_template_text(rows: list[int], passages: list[Passage], sentence: bytes) -> bool:
+    # A passage's long sentences travel together: its renderings share the same other sentences. A template's
+    # own long sentence (an instruction of 20+ words) comes with a different passage in every row, and in many
+    # rows. Taking a rare one for a passage only groups a few rows too many, which never leaks.
+    if len(rows) < TEMPLATE_TEXT_ROWS:
+        return False
+    companions = {next((other for other in passages[row] if other != sentence), None) for row in rows}
+    return len(companions) > max(4, len(rows) // 2)
+
+
+def join_passages(passages: list[Passage]) -> list[str | None]:
+    """Give back each row's passage group key (None: no passage), rows that share a passage sentence, directly
+    or through others, sharing one.
+
+    The group is named by its first row (table order), so rows appended later join the groups of the rows
+    before them. Sentences that are a template's own text rather than a passage do not join rows.
+    """
+    rows_of: dict[bytes, list[int]] = defaultdict(list)
+    for row, passage in enumerate(passages):
+        for sentence in passage:
+            rows_of[sentence].append(row)
+    template_text = {sentence for sentence, rows in rows_of.items() if _is_template_text(rows, passages, sentence)}
+    first = list(range(len(passages)))
+
+    def root(row: int) -> int:
+        while first[row] != row:
+            first[row] = first[first[row]]
+            row = first[row]
+        return row
+
+    for sentence, rows in rows_of.items():
+        if sentence in template_text:
+            continue
+        for row in rows[1:]:
+            a, b = root(rows[0]), root(row)
+            first[max(a, b)] = min(a, b)
+
+    def group(row: int) -> str | None:
+        kept = [sentence for sentence in passages[row] if sentence not in template_text]
+        return "passage\x1f" + min(kept).hex() if kept else None
+
+    return [group(root(row)) if passages[row] else None for row in range(len(passages))]
+
+
+def table_splits(frames: Iterable[pd.DataFrame], split_by: str, val_fraction: float, test_fraction: float
+                 ) -> list[str]:
+    """Give back the split of every row of a table read in frames, in table order."""
+    splits: list[str] = []  # each row's own; only a row's short split name is kept, not its (long) key
+    passages: list[Passage] = []
+    for frame in frames:
+        keys, frame_passages = row_groups(frame, split_by)
+        splits += [split_of(key, val_fraction, test_fraction) for key in keys]
+        passages += frame_passages
+    return [split if group is None else split_of(group, val_fraction, test_fraction)
+            for split, group in zip(splits, join_passages(passages), strict=True)]
 
 
 def split_of(group: str, val_fraction: float, test_fraction: float) -> str:
