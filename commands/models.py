@@ -26,6 +26,7 @@ from commands.base import (
     settings,
 )
 from commands.running import print_summary
+from toolkit.baselines import BASELINES
 from toolkit.registry import Registry, RegistryError
 
 
@@ -121,13 +122,16 @@ def report(
     metrics = layout.read_metrics(folder)
     print_summary({"flow_run_id": decision.get("flow_run_id") if decision else "-", "steps": {}, "metrics": metrics,
                     "promotion": decision}, 0.0, title=f"evaluation {folder.name} ({metrics['examples']} examples)")
-    categories = Table(title="per category")
-    for column in ("category", "scoring", "examples", "base", "tuned"):
+    categories = Table(title="per category, beside what needs no learning")
+    baselines = [name for name in BASELINES if any(name in row for row in metrics["per_category"].values())]
+    for column in ("category", "scoring", "examples", "base", "tuned", *(n.replace("_", " ") for n in baselines)):
         categories.add_column(column, justify="left" if column in ("category", "scoring") else "right")
     for category, row in metrics["per_category"].items():
         categories.add_row(category or "(none)", row["scoring"], str(row["examples"]), f"{row['base']:.3f}",
-                           f"{row['tuned']:.3f}")
+                           f"{row['tuned']:.3f}", *(f"{row[n]:.3f}" if n in row else "-" for n in baselines))
     out.print(categories)
+    if metrics.get("base_model"):
+        out.print(f"base: {metrics['base_model']}", highlight=False)
     samples = Table(title="sample generations", show_lines=True)
     for column in ("instruction", "input", "reference", "base", "tuned"):
         samples.add_column(column, overflow="fold")

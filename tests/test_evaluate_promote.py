@@ -72,6 +72,8 @@ def test_models_report_and_manual_promote_commands(runs):
     shown = cli.invoke(app, ["report", trained["flow_run_id"], "--root", str(root)])
     assert shown.exit_code == 0, shown.output
     assert "exact match (all examples)" in shown.output and "promoted to champion" in shown.output
+    assert "beside what needs no learning" in shown.output  # per-category no-learning baselines
+    assert "base = the untrained starting point" in " ".join(shown.output.split())
     latest = cli.invoke(app, ["report", "--root", str(root)])
     assert "not promoted" in latest.output  # the last run was the worse model
 
