@@ -65,6 +65,15 @@ def checked_turns(turns: Any, role_key: str, text_key: str) -> list[dict[str, st
     return messages
 
 
+def conversation_fields(messages: list[dict[str, str]]) -> dict[str, str]:
+    """Give back a conversation's single-turn view: its last user turn as the instruction, the turns before that
+    as `role: text` lines of input, its last answer as the response."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return {"instruction": messages[last_user]["content"],
+            "input": "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last_user]),
+            "response": messages[-1]["content"]}
+
+
 def _expected_roles(before: list[dict[str, str]]) -> tuple[str, ...]:
     if not before:
         return ("system", "user")
