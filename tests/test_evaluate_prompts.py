@@ -71,13 +71,14 @@ def test_folder_template_renders_the_template_steps_prompts_on_builtin_and_conve
 def test_conversation_prompt_holds_every_turn_before_the_scored_answer(data):
     rows = apply_template(data["messages"], TemplateConfig(name="chat"))
     row = rows[rows["messages"].str.contains('"system"')].iloc[0]
-    prompt = folder_prompts_of(row)
+    prompt = _chat_prompt(row)
     assert prompt.startswith("<|endoftext|><|system|>\nYou are a helpful assistant.<|endoftext|><|user|>\n")
     assert prompt.count("<|assistant|>\n") == 3 and prompt.endswith("<|endoftext|><|assistant|>\n")
     assert row["response"] not in prompt
 
 
-def folder_prompts_of(row: pd.Series) -> str:
+def _chat_prompt(row: pd.Series) -> str:
+    """Give back a templated row's generation prompt under the built-in chat template."""
     from toolkit.chat_template import CHAT_TEMPLATE, generation_prompt
 
     return generation_prompt(scored_turns(CHAT_TEMPLATE, row["messages"], row["instruction"], row["input"]),
