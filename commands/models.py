@@ -157,7 +157,7 @@ def _responder(cfg: PipelineConfig, registry: Registry, model: str, template: st
     from transformers.utils import logging as hf_logging
 
     from tasks.evaluate import generate_answers
-    from toolkit.chat_template import folder_template, render
+    from toolkit.chat_template import folder_template, generation_prompt, user_turn
 
     hf_logging.set_verbosity_error()  # the terminal shows the answer, not loader progress bars and hints
     hf_logging.disable_progress_bar()
@@ -170,13 +170,10 @@ def _responder(cfg: PipelineConfig, registry: Registry, model: str, template: st
     budget = network.config.n_positions - cfg.eval.max_new_tokens
 
     def reply(messages: list[dict[str, str]]) -> str:
-        return generate_answers(network, [render(messages, jinja, add_generation_prompt=True)[0]], cfg.eval,
-                                budget)[0].strip()
+        return generate_answers(network, [generation_prompt(messages, jinja)], cfg.eval, budget)[0].strip()
 
     def user_message(instruction: str, input_text: str = "") -> dict[str, str]:
-        if "message['input']" in jinja:  # a single-turn template's twin: the input has its own slot
-            return {"role": "user", "content": instruction, "input": input_text}
-        return {"role": "user", "content": instruction + ("\n\n" + input_text if input_text else "")}
+        return user_turn(jinja, instruction, input_text)
 
     return reply, user_message, f"{model_dir} ({source})"
 

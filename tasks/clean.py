@@ -3,7 +3,9 @@
 Checks, in order, each row taking the first reason that applies: empty, too long in characters, too
 long or too short in GPT-2 tokens, other script (optional), exact duplicate of normalised text, near
 duplicate (MinHash/LSH over word 3-grams of the whole row, and the same response). The quarantine holds
-the row, a reason code and a detail. The duplicate finder is toolkit/dedup.py; the rules are here.
+the row, a reason code and a detail. A conversation is cleaned turn by turn (a marker closing a turn is
+stripped, one inside a turn's text quarantines the row naming the turn) and its instruction, input and
+response are taken again from the cleaned turns. The duplicate finder is toolkit/dedup.py; the rules are here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from catalog.caching import finish_step, step_task_options
 from catalog.sections import CleanConfig, RunnerConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
+from toolkit.conversations import conversation_fields
 from toolkit.dedup import TEXT_FIELDS, Duplicates
 from toolkit.language import identify_language, latin_share
 from toolkit.runner import map_batches
@@ -62,11 +65,38 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
-def _normalize_messages(text: str) -> str:
-    if not text:
-        return text
-    turns = json.loads(text)
-    return json.dumps([{**t, "content": normalize_text(t["content"])} for t in turns])
+def clean_turns(text: str) -> list[dict[str, str]]:
+    """Give back a conversation's turns normalised, each turn's trailing <|endoftext|> markers stripped.
+
+    Exports often close every turn with the marker; the chat template writes its own end of turn.
+    """
+    return [{**turn, "content": _TRAILING_END_OF_TEXT.sub("", normalize_text(turn["content"]))}
+            for turn in json.loads(text)]
+
+
+def turn_fault(turns: list[dict[str, str]]) -> tuple[str, str]:
+    """Give back (reason, detail) for the first cleaned turn that cannot be trained on, or ("", "")."""
+    for index, turn in enumerate(turns):
+        where = f"messages[{index}] ({turn['role']} turn {index})"
+        if END_OF_TEXT in turn["content"]:
+            return "end_of_text_in_text", f"{where} holds {END_OF_TEXT} inside its text, which would end the " \
+                                          "training sequence there"
+        if not turn["content"]:
+            return "empty_turn", f"{where} is empty after cleaning"
+    return "", ""
+
+
+def _clean_conversations(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Clean the conversation rows' turns in place and give their single-turn fields the cleaned text; give back
+    (reason, detail) of each row's first faulty turn ("" for fine rows and instruction rows)."""
+    conversation = frame["messages"] != ""
+    turns = frame.loc[conversation, "messages"].map(clean_turns)
+    frame.loc[conversation, "messages"] = turns.map(json.dumps)
+    faults = pd.DataFrame(turns.map(turn_fault).tolist(), index=turns.index, columns=["reason", "detail"])
+    fine = turns[faults["reason"] == ""]
+    for field, values in pd.DataFrame(fine.map(conversation_fields).tolist(), index=fine.index).items():
+        frame.loc[fine.index, field] = values
+    return (faults["reason"].reindex(frame.index, fill_value=""), faults["detail"].reindex(frame.index, fill_value=""))
 
 
 def token_counts(texts: list[str], batch: int = 1000) -> list[int]:
@@ -104,8 +134,7 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
         frame[field] = frame[field].map(normalize_text)
     # prompt/completion sets often end each completion with the marker (T0 does): the template adds its own
     frame["response"] = frame["response"].str.replace(_TRAILING_END_OF_TEXT, "", regex=True)
-    if "messages" in frame:
-        frame["messages"] = frame["messages"].map(_normalize_messages)
+    turn_reason, turn_detail = _clean_conversations(frame) if "messages" in frame else ("", "")
     reason = pd.Series("", index=frame.index, dtype=object)
     detail = pd.Series("", index=frame.index, dtype=object)
 
@@ -114,6 +143,9 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
         reason[fresh] = why
         detail[fresh] = details[fresh] if isinstance(details, pd.Series) else details
 
+    # first, so a conversation's reason names the turn at fault, not the single-turn field that repeats it
+    for why in ("end_of_text_in_text", "empty_turn"):
+        mark(turn_reason == why, why, turn_detail)
     for field in TEXT_FIELDS:
         mark(frame[field].str.contains(END_OF_TEXT, regex=False), "end_of_text_in_text",
              f"{field} holds {END_OF_TEXT}, which would end the training sequence there")

@@ -2,10 +2,10 @@
 
 PP = exp(L), L the mean cross-entropy over response tokens (prompt masked as in training), and
 also over full sequences (prompt + response), labelled as such. Task accuracy: generation on held-out
-test instructions, scored by exact match (normalised) where answers are checkable, by ROUGE-L
-otherwise, per category. The artifact holds metrics.json, samples.parquet, report.md and
-loss_curve.png; the task also publishes them as Prefect artifacts. `promote` then puts the model
-before the registry (toolkit/registry.py).
+test instructions, prompted through the chat template the model folder carries, scored by exact match
+(normalised) where answers are checkable, by ROUGE-L otherwise, per category. The artifact holds
+metrics.json, samples.parquet, report.md and loss_curve.png; the task also publishes them as Prefect
+artifacts. `promote` then puts the model before the registry (toolkit/registry.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from catalog.step import Step
 from catalog.store import ArtifactRef
 from catalog.training_sections import EvalConfig
 from toolkit.baselines import base_description, baseline_answers, baseline_scores
+from toolkit.chat_template import folder_template, generation_prompt, scored_turns
 from toolkit.evaluation_report import CURVE, category_rows, plot_loss_curve, report_markdown
 from toolkit.modeling import load_base_model, pad_batch
 from toolkit.registry import metric_rows
@@ -157,6 +158,20 @@ def score_answers(answers: list[str], references: list[str]) -> pd.DataFrame:
     })
 
 
+def folder_prompts(model_folder: Path, rows: pd.DataFrame) -> list[str]:
+    """Give back each row's generation prompt, rendered by the chat template the model folder carries.
+
+    The folder, not the template step, decides the prompt: what is scored is the model as a user with only
+    transformers would prompt it.
+    """
+    template = folder_template(model_folder)
+    if template is None:
+        raise ValueError(f"{model_folder} carries no chat template (chat_template.jinja); rebuild its fine-tune step")
+    return [generation_prompt(scored_turns(template, messages, instruction, input_text), template)
+            for messages, instruction, input_text in zip(rows["messages"], rows["instruction"], rows["input"],
+                                                         strict=True)]
+
+
 STEP = Step("evaluate", __name__, libraries=("torch", "transformers", "tokenizers", "rouge-score"))
 
 
@@ -171,10 +186,11 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
     model_config = layout.trained_model_config(finetuned)
     tokens = pq.read_table(layout.data_file(tokenized), columns=["split", "input_ids", "labels"]).to_pandas()
     tokens = tokens[tokens["split"] != "train"]
-    prompts = pd.read_parquet(layout.data_file(templated), columns=["split", "category", "prompt", "response",
-                                                                     "instruction", "input"])
+    prompts = pd.read_parquet(layout.data_file(templated), columns=["split", "category", "response",
+                                                                     "instruction", "input", "messages"])
     prompts["category"] = prompts["category"].fillna("").astype(str)
     test = prompts[prompts["split"] == "test"].head(config.max_examples).reset_index(drop=True)
+    test.insert(2, "prompt", folder_prompts(layout.model_dir(finetuned), test))
     source = (upstream_config(templated, "ingest") or {}).get("source", "")
     scoring = category_scoring(prompts, config, checkable=str(source).startswith("builtin:"))
     tuned = AutoModelForCausalLM.from_pretrained(layout.model_dir(finetuned), local_files_only=True)

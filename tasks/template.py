@@ -1,6 +1,7 @@
 """Step 4, template: render each pair as S = [BOS, instruction, SEP, response, EOS] text, and split.
 
-Prompt and response are kept apart so tokenize can mask the prompt. Templates: `paper`, `alpaca`,
+Prompt and response are kept apart so tokenize can mask the prompt; a conversation's turns are kept too
+(`messages`, JSON), so evaluate can prompt through the model folder's own template. Templates: `paper`, `alpaca`,
 `chat` (a Jinja chat template, built-in or `template.chat_template`: a conversation stays one sequence whose
 assistant turns are all targets, kept as text `segments` with their `segment_kinds`; an instruction row is a
 one-turn conversation) and user templates from `template.custom`. The split comes from a hash of each row's group key
@@ -65,8 +66,8 @@ def render_prompt(template: str, instruction: str, input_text: str = "", parts: 
 def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
     """Give back id, split, category, prompt, completion and the raw fields kept for evaluation."""
     parts = template_parts(config)
+    messages = frame["messages"] if "messages" in frame else pd.Series("", index=frame.index)
     if is_chat(config):
-        messages = frame["messages"] if "messages" in frame else pd.Series("", index=frame.index)
         rendered = [conversation_columns(row_messages(m, i, x, r), chat_template_for(config), config.train_on)
                     for m, i, x, r in zip(messages, frame["instruction"], frame["input"], frame["response"],
                                           strict=True)]
@@ -88,6 +89,7 @@ def apply_template(frame: pd.DataFrame, config: TemplateConfig) -> pd.DataFrame:
         "instruction": frame["instruction"],
         "input": frame["input"],
         "response": frame["response"],
+        "messages": messages,  # evaluate renders its prompts from these through the model folder's template
         "segments": pieces,
         "segment_kinds": kinds,
     })
@@ -97,7 +99,7 @@ STEP = Step("template", __name__, libraries=("pyarrow", "pandas", "transformers"
 
 
 TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
-    "id", "split", "category", "prompt", "completion", "instruction", "input", "response")]
+    "id", "split", "category", "prompt", "completion", "instruction", "input", "response", "messages")]
     + [("segments", pa.list_(pa.string())), ("segment_kinds", pa.list_(pa.int8()))])
 
 

@@ -3,7 +3,8 @@
 Prompt and completion are tokenized separately in batches and joined, so the boundary is exact. A
 conversation with several answers is tokenized segment by segment (toolkit/conversations.py): every answer
 a target, and over max_length it is cut at turn boundaries (`long_conversations`); the answer tokens lost
-to any cut are counted per row (`n_target_lost`) and gated.
+to any cut are counted per row (`n_target_lost`) and gated; the conversations cut, the windows they became and
+the assistant turns dropped are counted in the manifest and the step's report (toolkit/token_stats.py).
 When an example is too long, the response is kept whole where possible and the prompt loses its
 middle (its start, the BOS, and its end, the SEP, stay).
 
@@ -36,8 +37,9 @@ from catalog.step import Step
 from catalog.store import ArtifactRef
 from data_checks.gate import GateFailed, raise_if_blocked, run_suites
 from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
-from toolkit.conversations import conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
+from toolkit.conversations import CUTS, conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
 from toolkit.runner import map_batches
+from toolkit.token_stats import publish_report, tokenize_figures
 from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -79,13 +81,23 @@ def _segment_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def tokenize_batch(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBatch:
     """Give back the tokenized rows of one Arrow batch of templated rows (conversations cut at turn boundaries)."""
+    return tokenize_counted(batch, config)[0]
+
+
+def tokenize_counted(batch: pa.RecordBatch, config: TokenizeConfig) -> tuple[pa.RecordBatch, dict[str, int]]:
+    """Give back (tokenize_batch's rows, what cutting long conversations did: toolkit.conversations.CUTS)."""
     if "segments" in batch.schema.names:
         several = pc.greater(pc.list_value_length(batch.column("segments")), 0)
         if pc.any(several).as_py():
-            single = tokenize_batch(batch.filter(pc.invert(several)).drop_columns(["segments"]), config)
-            talks = conversation_batch(batch.filter(several), config.max_length, config.long_conversations,
-                                       encode_flat, TOKENIZED_SCHEMA)
-            return pa.Table.from_batches([single, talks]).combine_chunks().to_batches()[0]
+            single = _tokenize_pairs(batch.filter(pc.invert(several)), config)
+            talks, cuts = conversation_batch(batch.filter(several), config.max_length, config.long_conversations,
+                                             encode_flat, TOKENIZED_SCHEMA)
+            return pa.Table.from_batches([single, talks]).combine_chunks().to_batches()[0], cuts
+    return _tokenize_pairs(batch, config), dict.fromkeys(CUTS, 0)
+
+
+def _tokenize_pairs(batch: pa.RecordBatch, config: TokenizeConfig) -> pa.RecordBatch:
+    """Give back the tokenized rows of templated rows tokenized as one prompt and one completion each."""
     prompt_ids, prompt_lengths = encode_flat(batch.column("prompt").to_pylist())
     completion_ids, completion_lengths = encode_flat(batch.column("completion").to_pylist())
     head, tail, kept = fit_lengths(prompt_lengths, completion_lengths, config.max_length)
@@ -222,18 +234,18 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     packing, packing_reason = decide_packing(config, templated)
     config = config.model_copy(update={"packing": packing})
     schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
-    examples = truncated = zero_target = 0
+    counts = dict.fromkeys(("examples", "truncated", "zero_target", *CUTS), 0)  # taken before packing
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
     with pq.ParquetWriter(layout.data_file(out), schema) as writer:
         batches = source.iter_batches(batch_size=config.batch_size,
                                       columns=["id", "split", "category", "prompt", "completion"]
                                       + [c for c in ("segments", "segment_kinds") if c in source.schema_arrow.names])
-        for tokenized in map_batches(tokenize_batch, batches, config, runner=runner, step="tokenize"):
-            n_target = tokenized.column("n_target").to_numpy()
-            examples += tokenized.num_rows
-            truncated += int(np.sum(tokenized.column("truncated").to_numpy(zero_copy_only=False)))
-            zero_target += int((n_target == 0).sum())
+        for tokenized, batch_cuts in map_batches(tokenize_counted, batches, config, runner=runner, step="tokenize"):
+            for name, count in (*batch_cuts.items(), ("examples", tokenized.num_rows),
+                                ("truncated", np.sum(tokenized.column("truncated").to_numpy(zero_copy_only=False))),
+                                ("zero_target", (tokenized.column("n_target").to_numpy() == 0).sum())):
+                counts[name] += int(count)
             ids = tokenized.column("input_ids").values.to_numpy()
             labels = tokenized.column("labels").values.to_numpy()
             if len(ids):
@@ -246,20 +258,9 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
             writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
     written = pq.read_table(layout.data_file(out), columns=["id", "split", "category", "length", "n_target",
                                                            "truncated", "n_target_lost"]).to_pandas()
-    splits = written["split"].value_counts()
-    tokens = int(written["length"].sum())
-    stats: dict[str, Any] = {
-        "rows": len(written), "examples": examples, "tokens": tokens, "target_tokens": int(written["n_target"].sum()),
-        "truncated_share": truncated / max(examples, 1), "zero_target_rows": zero_target,
-        "target_tokens_lost": int(written["n_target_lost"].sum()),
-        "target_tokens_lost_share": int(written["n_target_lost"].sum()) / max(
-            int(written["n_target"].sum() + written["n_target_lost"].sum()), 1),
-        "long_conversations": config.long_conversations,
-        "padding_share_at_max_length": 1 - tokens / max(len(written) * config.max_length, 1),
-        "min_token_id": token_range[0], "max_token_id": token_range[1],
-        "min_label": token_range[2], "max_label": token_range[3],
-        **{f"{name}_rows": int(splits.get(name, 0)) for name in ("train", "val", "test")},
-    }
+    stats: dict[str, Any] = {**tokenize_figures(written, counts, config),
+                             "min_token_id": token_range[0], "max_token_id": token_range[1],
+                             "min_label": token_range[2], "max_label": token_range[3]}
     stats["packing"], stats["packing_reason"] = bool(config.packing), packing_reason
     if config.packing:
         train = written[written["split"] == "train"]
@@ -286,5 +287,6 @@ def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef, runner: 
     """
     ref, built = STEP.produce(config, root, [templated], lambda out, inputs: write_tokenize(
         TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
+    publish_report(ref.manifest(), ref.uri)  # before the gate: a blocked run shows what was measured too
     raise_if_blocked(ref, TokenizeGateFailed, "tokenized data failed its checks")
     return finish_step(root, ref, built)

@@ -57,6 +57,17 @@ def test_tokenize_artifact_targets_at_least_90_percent_of_all_assistant_tokens_i
     assert answer_text >= 0.9 * file_tokens
     manifest = layout.read_manifest(artifacts["tokenize"])
     assert manifest["target_tokens"] == targets and manifest["target_tokens_lost_share"] < 0.1
+    if writer is write_sharegpt:  # its long-article conversations do not fit 1,024 tokens: split into windows
+        assert manifest["conversation_windows"] > manifest["conversations_cut"] > 0
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        with get_client(sync_client=True) as client:
+            reports = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["itune-tokenize-report"])))
+        shown = f"| conversations cut at turn boundaries (split) | {manifest['conversations_cut']}: into " \
+                f"{manifest['conversation_windows']} windows"
+        assert any(shown in str(report.data) for report in reports)
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -96,11 +107,49 @@ def test_every_assistant_turn_and_its_end_of_turn_token_is_a_target_and_the_rest
 def test_long_conversation_is_cut_at_turn_boundaries_split_keeps_every_answer_truncate_left_keeps_the_system():
     pieces = [[1] * 10, [2] * 30, [3] * 20, [2] * 30, [3] * 20, [2] * 30, [3] * 20, []]
     kinds = [0, 1, 2, 1, 2, 1, 2, 1]
-    split, lost = fit_conversation(pieces, kinds, 70, "split")
-    assert lost == 0 and len(split) == 3 and all(ids[:10] == [1] * 10 for ids, _, _ in split)
+    split, lost, dropped = fit_conversation(pieces, kinds, 70, "split")
+    assert lost == dropped == 0 and len(split) == 3 and all(ids[:10] == [1] * 10 for ids, _, _ in split)
     assert all(sum(label != IGNORE_INDEX for label in labels) == 20 for _, labels, _ in split)
-    left, lost = fit_conversation(pieces, kinds, 70, "truncate_left")
-    assert lost == 40 and len(left) == 1 and left[0][0] == [1] * 10 + [2] * 30 + [3] * 20
+    left, lost, dropped = fit_conversation(pieces, kinds, 70, "truncate_left")
+    assert lost == 40 and dropped == 2 and len(left) == 1 and left[0][0] == [1] * 10 + [2] * 30 + [3] * 20
+
+
+def _chat(exchanges: int, filler: int) -> str:
+    turns = []
+    for number in range(exchanges):
+        turns += [{"role": "user", "content": f"Question {number}: " + "tell me more about the river " * filler},
+                  {"role": "assistant", "content": f"Answer {number} is short."}]
+    return json.dumps(turns)
+
+
+@pytest.mark.parametrize("mode, windows, dropped", [("split", 3, 0), ("truncate_left", 1, 2)])
+def test_tokenize_manifest_and_report_count_the_conversations_cut_their_windows_and_dropped_turns(
+        tmp_path, mode, windows, dropped):
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.template import TEMPLATED_SCHEMA, apply_template
+    from tasks.tokenize import write_tokenize
+    from toolkit.token_stats import report_markdown
+
+    # one conversation of three 54-token exchanges (no two fit in 64 tokens), one that fits, one instruction row
+    frame = pd.DataFrame([{"id": name, "category": "c", "instruction": "q", "input": "", "response": "a",
+                           "messages": messages} for name, messages in
+                          (("long", _chat(3, 5)), ("short", _chat(2, 0)), ("single", ""))])
+    templated, out = tmp_path / "template", tmp_path / "tokenize"
+    templated.mkdir()
+    out.mkdir()
+    pq.write_table(pa.Table.from_pandas(apply_template(frame, TemplateConfig(name="chat")), TEMPLATED_SCHEMA,
+                                        preserve_index=False), layout.data_file(templated))
+    stats = write_tokenize(TokenizeConfig(max_length=64, long_conversations=mode, packing=False), templated, out)
+    assert (stats["conversations_cut"], stats["conversation_windows"], stats["assistant_turns_dropped"]) == (
+        1, windows, dropped)
+    ids = layout.read_data(out, ["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(["long", "short", "single"] + [f"long#{n}" for n in range(1, windows)])
+    report = report_markdown(stats)
+    assert f"| conversations cut at turn boundaries ({mode}) | 1: into {windows} windows, {dropped} assistant " \
+           "turns dropped |" in report
 
 
 BROKEN = {

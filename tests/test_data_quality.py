@@ -73,6 +73,37 @@ def test_end_of_text_markers_are_stripped_from_response_ends_and_quarantined_els
     assert dropped["detail"].iloc[0].startswith("instruction holds <|endoftext|>")
 
 
+def test_conversation_turns_lose_their_closing_markers_and_a_marker_inside_a_turn_is_quarantined_by_turn(
+        tmp_path, ingest_frames, clean_frames):
+    from catalog.config import DataConfig
+
+    eot = "<|endoftext|>"
+    chats = [
+        [("system", f"Be brief.{eot}"), ("human", f"Capital of France?{eot}"), ("gpt", f"Paris.{eot}"),
+         ("human", f"And Italy? {eot}\n"), ("gpt", f"Rome. {eot}{eot}")],  # every turn closed, as some exports do
+        [("human", "Hi"), ("gpt", "Hello"), ("human", "Split this"), ("gpt", f"one{eot}two")],
+        [("human", f"Tell me{eot} more"), ("gpt", "Sure.")],
+        [("human", "Say nothing"), ("gpt", eot)],
+    ]
+    source = tmp_path / "chats.jsonl"
+    source.write_text("".join(json.dumps({"conversations": [{"from": who, "value": text} for who, text in chat]})
+                              + "\n" for chat in chats))
+    rows, _ = ingest_frames(DataConfig(source=str(source)))
+    assert len(rows) == 4
+    kept, dropped = clean_frames(rows, CleanConfig())
+    assert len(kept) == 1
+    turns = json.loads(kept["messages"].iloc[0])
+    assert [t["content"] for t in turns] == ["Be brief.", "Capital of France?", "Paris.", "And Italy?", "Rome."]
+    row = kept.iloc[0]
+    assert (row["instruction"], row["response"]) == ("And Italy?", "Rome.")
+    assert eot not in row["input"] and row["input"].endswith("assistant: Paris.")
+    why = dict(zip(dropped["instruction"], zip(dropped["reason"], dropped["detail"], strict=True), strict=True))
+    assert why["Split this"][0] == why[f"Tell me{eot} more"][0] == "end_of_text_in_text"
+    assert why["Split this"][1].startswith("messages[3] (assistant turn 3) holds <|endoftext|> inside its text")
+    assert why[f"Tell me{eot} more"][1].startswith("messages[0] (user turn 0) holds")
+    assert why["Say nothing"] == ("empty_turn", "messages[1] (assistant turn 1) is empty after cleaning")
+
+
 def test_language_filter_drops_rows_surely_in_another_language_and_keeps_unsure_ones(clean_frames):
     frame = _frame([
         {"instruction": "Give three tips for staying healthy.", "response": "Eat well, sleep enough and move daily."},

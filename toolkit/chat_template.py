@@ -78,6 +78,33 @@ def row_messages(messages: str, instruction: str, input_text: str, response: str
     return [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
 
 
+def takes_input(template: str) -> bool:
+    """Give back whether a template is a single-turn twin, whose user turn has its own `input` slot."""
+    return "message.get('input')" in template
+
+
+def user_turn(template: str, instruction: str, input_text: str = "") -> dict[str, str]:
+    """Give back a user message for an instruction (and input) in the form the template reads."""
+    if takes_input(template):
+        return {"role": "user", "content": instruction, "input": input_text}
+    return {"role": "user", "content": instruction + ("\n\n" + input_text if input_text else "")}
+
+
+def scored_turns(template: str, messages: str, instruction: str, input_text: str) -> list[dict[str, str]]:
+    """Give back the turns a row's scored answer (its last) follows: the conversation before that answer, or,
+    for an instruction row or a single-turn twin (which the template step fed the row's instruction and its
+    flattened context as input), one user turn."""
+    if messages and not takes_input(template):
+        turns = json.loads(messages)
+        return turns[:max(i for i, turn in enumerate(turns) if turn["role"] == "assistant")]
+    return [user_turn(template, instruction, input_text)]
+
+
+def generation_prompt(messages: list[dict[str, str]], template: str) -> str:
+    """Give back the text a model continues to answer `messages` (the template's generation prompt appended)."""
+    return render(messages, template, add_generation_prompt=True)[0]
+
+
 def render(messages: list[dict[str, str]], template: str, add_generation_prompt: bool = False
            ) -> tuple[str, list[tuple[int, int]]]:
     """Give back (the rendered text, the character spans of its assistant text) through transformers' renderer."""

@@ -21,6 +21,8 @@ TOOL_ROLES = {"tool", "function", "function_call", "function_response", "ipython
 
 # kinds of a rendered conversation's segments (see toolkit/chat_template.py)
 HEADER, CONTEXT, ANSWER, MASKED_ANSWER = 0, 1, 2, 3
+# what cutting long conversations did: conversations cut, the windows they became, assistant turns in no window
+CUTS = ("conversations_cut", "conversation_windows", "assistant_turns_dropped")
 
 
 class TurnError(ValueError):
@@ -63,6 +65,15 @@ def checked_turns(turns: Any, role_key: str, text_key: str) -> list[dict[str, st
     if not any(m["role"] == "assistant" for m in messages):
         raise TurnError("no_assistant_turn", "conversation has no assistant turn")
     return messages
+
+
+def conversation_fields(messages: list[dict[str, str]]) -> dict[str, str]:
+    """Give back a conversation's single-turn view: its last user turn as the instruction, the turns before that
+    as `role: text` lines of input, its last answer as the response."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return {"instruction": messages[last_user]["content"],
+            "input": "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last_user]),
+            "response": messages[-1]["content"]}
 
 
 def _expected_roles(before: list[dict[str, str]]) -> tuple[str, ...]:
@@ -137,13 +148,14 @@ def fit_example(prompt: list[int], completion: list[int], max_length: int) -> tu
 
 
 def fit_conversation(pieces: list[list[int]], kinds: list[int], max_length: int, mode: str
-                     ) -> tuple[list[tuple[list[int], list[int], bool]], int]:
-    """Give back (the windows of one tokenized conversation as (input_ids, labels, truncated), answer tokens lost).
+                     ) -> tuple[list[tuple[list[int], list[int], bool]], int, int]:
+    """Give back (the windows of one tokenized conversation as (input_ids, labels, truncated), answer tokens lost,
+    assistant turns dropped: in no window kept).
 
     Labels are the answer tokens and -100 elsewhere. A window that still exceeds max_length holds a single
     exchange, cut like any example (prompt middle first); a window without a target is left out.
     """
-    examples, kept = [], 0
+    examples, kept, kept_turns = [], 0, 0
     for window in windows([len(p) for p in pieces], kinds, max_length, mode):
         ids = [token for i in window for token in pieces[i]]
         labels = [token if kinds[i] == ANSWER else IGNORE_INDEX for i in window for token in pieces[i]]
@@ -158,22 +170,33 @@ def fit_conversation(pieces: list[list[int]], kinds: list[int], max_length: int,
         if targets:
             examples.append((ids, labels, truncated))
             kept += targets
-    return examples, sum(len(p) for p, kind in zip(pieces, kinds, strict=True) if kind == ANSWER) - kept
+            kept_turns += sum(kinds[i] in (ANSWER, MASKED_ANSWER) for i in window)
+    answers = sum(kind in (ANSWER, MASKED_ANSWER) for kind in kinds)
+    return examples, sum(len(p) for p, kind in zip(pieces, kinds, strict=True) if kind == ANSWER) - kept, \
+        answers - kept_turns
 
 
 def conversation_batch(batch: pa.RecordBatch, max_length: int, mode: str, encode: Any, schema: pa.Schema
-                       ) -> pa.RecordBatch:
-    """Give back the tokenized rows (in `schema`) of templated conversation rows: one per window, the first
-    keeping the row's id and counting the answer tokens lost to cuts, the next ones `<id>#<n>`."""
+                       ) -> tuple[pa.RecordBatch, dict[str, int]]:
+    """Give back (the tokenized rows (in `schema`) of templated conversation rows, the counts of CUTS).
+
+    One row per window, the first keeping the row's id and counting the answer tokens lost to cuts, the next
+    ones `<id>#<n>`. A conversation counts as cut when it became several windows or lost whole turns.
+    """
     segment_lists = batch.column("segments").to_pylist()
     flat, lengths = encode([text for pieces in segment_lists for text in pieces])
     bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    cuts = dict.fromkeys(CUTS, 0)
     position = 0
     for row, (pieces, kinds) in enumerate(zip(segment_lists, batch.column("segment_kinds").to_pylist(), strict=True)):
         ids = [flat[bounds[position + i]:bounds[position + i + 1]].tolist() for i in range(len(pieces))]
         position += len(pieces)
-        examples, lost = fit_conversation(ids, kinds, max_length, mode)
+        examples, lost, dropped = fit_conversation(ids, kinds, max_length, mode)
+        if len(examples) > 1 or dropped:
+            cuts["conversations_cut"] += 1
+            cuts["conversation_windows"] += len(examples)
+            cuts["assistant_turns_dropped"] += dropped
         for number, (input_ids, labels, truncated) in enumerate(examples):
             row_id = batch.column("id")[row].as_py()
             columns["id"].append(row_id if number == 0 else f"{row_id}#{number}")
@@ -185,4 +208,4 @@ def conversation_batch(batch: pa.RecordBatch, max_length: int, mode: str, encode
             columns["n_target"].append(sum(label != IGNORE_INDEX for label in labels))
             columns["truncated"].append(truncated or (lost > 0 and number == 0))
             columns["n_target_lost"].append(lost if number == 0 else 0)
-    return pa.RecordBatch.from_pydict(columns, schema=schema)
+    return pa.RecordBatch.from_pydict(columns, schema=schema), cuts

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from toolkit.conversations import TurnError, checked_turns
+from toolkit.conversations import TurnError, checked_turns, conversation_fields
 from toolkit.readers import IngestError, Record
 
 # the fields a record must have in each format (checked once per columnar file, per record otherwise)
@@ -97,10 +97,7 @@ def to_canonical(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> l
         field, role_key, text_key = (("conversations", "from", "value") if fmt == "sharegpt"
                                      else ("messages", "role", "content"))
         messages = _conversation_rows(record.get(field), field, role_key, text_key)
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        context = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last_user])
-        return [{"instruction": messages[last_user]["content"], "input": context,
-                 "response": messages[-1]["content"], "category": "", "messages": json.dumps(messages)}]
+        return [{**conversation_fields(messages), "category": "", "messages": json.dumps(messages)}]
     raise IngestError(f"unknown data format '{fmt}'")
 
 
