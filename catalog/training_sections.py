@@ -31,7 +31,7 @@ class LoraSettings(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(7.0, gt=0)
-    max_steps: int = Field(800, ge=-1, description="optimizer steps; -1: run the full epochs")
+    max_steps: int = Field(1200, ge=-1, description="optimizer steps; -1: run the full epochs")
     max_seconds: float | None = Field(None, gt=0, description="stop early after this much training time")
     batch_size: PositiveInt = 32
     learning_rate: float = Field(3e-3, gt=0)
@@ -42,7 +42,8 @@ class TrainConfig(Section):
     gradient_accumulation_steps: PositiveInt = 1
     max_grad_norm: float = Field(1.0, gt=0)
     group_by_length: bool = Field(False, description="batch similar lengths together (less padding)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on GPU, else fp32")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16/fp16 on GPU, bf16 on a CPU with native bf16, else fp32")
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     seed: int = 0
