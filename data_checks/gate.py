@@ -135,3 +135,20 @@ def _outcome(suite: str, check: Any, warn_only: set[str]) -> CheckOutcome:
         threshold={k: config.kwargs[k] for k in _THRESHOLD_KEYS if k in config.kwargs},
         observed_is_count=not has_value,
     )
+
+
+def rows_passed_before(earlier: Path | None, suite: str) -> bool:
+    """Tell whether an earlier artifact of the same recipe met every expectation of a row suite on every row.
+
+    Row expectations look at one row at a time, so a row with the same content meets them again: a rebuild on
+    grown data need only check the rows that artifact did not hold (the table-wide ones are checked whole).
+    """
+    import json
+
+    try:
+        records = json.loads((Path(earlier) / layout.GATE_REPORT).read_text(encoding="utf-8")) if earlier else []
+    except (OSError, ValueError):
+        return False
+    mine = [record for record in records if record["suite"] == suite]
+    return bool(mine) and all(record["success"] and (not record["observed_is_count"] or record["observed"] == "0")
+                              for record in mine)

@@ -35,8 +35,8 @@ from catalog.keys import sha256_text
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
+from data_checks import tokenized_suite as checks
 from data_checks.gate import GateFailed, raise_if_blocked, run_suites
-from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
 from toolkit.conversations import CUTS, conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
 from toolkit.token_memo import TokenMemo
 from toolkit.token_stats import publish_report, tokenize_figures
@@ -269,8 +269,10 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
         stats["packed_examples"] = state.get("examples", 0)
         stats["packing_efficiency"] = float(train["length"].sum()) / max(len(train) * config.max_length, 1)
     report = run_suites({
-        "tokenized_rows": (written, tokenized_rows_expectations(config.max_length)),
-        "tokenized_summary": (pd.DataFrame([stats]), tokenized_summary_expectations(
+        "tokenized_rows": (checks.rows_to_check(written, earlier),
+                           checks.tokenized_rows_expectations(config.max_length)),
+        "tokenized_ids": (written[["id"]], checks.tokenized_ids_expectations()),
+        "tokenized_summary": (pd.DataFrame([stats]), checks.tokenized_summary_expectations(
             GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows,
             config.max_target_tokens_lost_share)),
     }, out / layout.DATA_DOCS, set(config.warn_only))
