@@ -109,6 +109,8 @@ TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
 
 def template_batch(batch: pa.RecordBatch, config: TemplateConfig) -> pa.Table:
     """Give back one Arrow batch of validated rows rendered (row-local: any runner may run it)."""
+    if not batch.num_rows:  # every row of the batch was rendered before; an empty frame has no list dtypes
+        return TEMPLATED_SCHEMA.empty_table()
     return pa.Table.from_pandas(apply_template(batch.to_pandas(), config), TEMPLATED_SCHEMA, preserve_index=False)
 
 

@@ -58,6 +58,18 @@ def first_night(tmp_path_factory):
     return folder, base / "root"
 
 
+@pytest.fixture
+def night(first_night, tmp_path):
+    """The first night's folder, to change in place (each row's `source` names its path, so the path must stay),
+    and a copy of its artifact root; the folder is put back afterwards."""
+    folder, root = first_night
+    shutil.copytree(folder, tmp_path / "folder-before")
+    shutil.copytree(root, tmp_path / "root")
+    yield folder, tmp_path / "root"
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "folder-before", folder)
+
+
 def _edit_a_row(folder: Path) -> None:
     rows = [json.loads(line) for line in (folder / "part-1.jsonl").read_text().splitlines()]
     rows[7]["output"] = "an edited answer"
@@ -81,11 +93,8 @@ CHANGES = {
 
 
 @pytest.mark.parametrize("change", CHANGES)
-def test_incremental_run_equals_a_full_run_byte_for_byte(first_night, tmp_path, change):
-    folder, root = tmp_path / "source", tmp_path / "root"
-    shutil.copytree(first_night[0], folder)
-    shutil.copytree(first_night[1], root)
-    # the source path is part of each row's `source`: the same folder name keeps the comparison exact
+def test_incremental_run_equals_a_full_run_byte_for_byte(night, tmp_path, change):
+    folder, root = night
     CHANGES[change](folder)
     incremental = _run(folder, root)
     full = _run(folder, tmp_path / "scratch")
@@ -96,13 +105,11 @@ def test_incremental_run_equals_a_full_run_byte_for_byte(first_night, tmp_path, 
     assert _manifest(incremental, "tokenize")["rows_reused"] > 100
     if change == "near_duplicate_of_an_old_row":
         dropped = pd.read_parquet(Path(incremental["steps"]["clean"]["artifact"]) / "quarantine.parquet")
-        assert "part-2.jsonl:4" in set(dropped.loc[dropped["reason"] == "near_duplicate", "source"])
+        assert f"{folder / 'part-2.jsonl'}:4" in set(dropped.loc[dropped["reason"] == "near_duplicate", "source"])
 
 
-def test_a_broken_new_file_is_quarantined_or_refused_and_earlier_rows_are_untouched(first_night, tmp_path):
-    folder, root = tmp_path / "source", tmp_path / "root"
-    shutil.copytree(first_night[0], folder)
-    shutil.copytree(first_night[1], root)
+def test_a_broken_new_file_is_quarantined_or_refused_and_earlier_rows_are_untouched(night, tmp_path):
+    folder, root = night
     bad = folder / "part-3.jsonl"
     bad.write_text(json.dumps(_rows(3, 1)[0]) + "\n{not json\n" + json.dumps({"instruction": "x", "output": None}))
     summary = _run(folder, root)
@@ -114,7 +121,7 @@ def test_a_broken_new_file_is_quarantined_or_refused_and_earlier_rows_are_untouc
     # a file that cannot be read at all stops the run with one line naming it; nothing built before is touched
     (folder / "part-4.csv").write_text("question,answer\nq,a\n")
     refused = run_pipeline(load_config(overrides=tiny_overrides(root, **{"data.source": str(folder)})), "tokenize")
-    assert "part-4.csv" in refused["error"] and "missing required column" in refused["error"]
+    assert f"{folder / 'part-4.csv'}: row 1: unknown format" in refused["error"]
     assert "\n" not in refused["error"].strip()
     (folder / "part-4.csv").unlink()
     again = _run(folder, root)
