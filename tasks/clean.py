@@ -33,7 +33,7 @@ from catalog.store import ArtifactRef
 from toolkit.conversations import conversation_fields
 from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerprint_fields, fingerprints_of
 from toolkit.language import identify_language, latin_share
-from toolkit.row_memo import KEY, MemoWriter, memo_positions, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
 from toolkit.runner import map_batches
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -224,17 +224,14 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     memo_schema = pa.schema([pa.field(KEY, pa.string()), *(staged_schema.field(name) for name in derived),
                              *fingerprint_fields(config.near_duplicate_num_perm)])
     memo = layout.read_memo(earlier)
-    staging = out / ".checked.parquet"
-    duplicates = Duplicates(config)
+    seen_in_memo, staging, duplicates = memo_lookup(memo), out / ".checked.parquet", Duplicates(config)
     memo_out = MemoWriter(layout.memo_file(out), memo_schema)
     pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
     reused = 0
 
     def unseen() -> Any:
         for batch in source.iter_batches(batch_size=batch_rows):
-            keys = row_keys(batch)
-            positions = memo_positions(keys, memo)
-            pending.append((batch, keys, positions))
+            pending.append((batch, keys := row_keys(batch), positions := seen_in_memo(keys)))
             yield batch.filter(pa.array(positions < 0))
 
     with pq.ParquetWriter(staging, staged_schema) as writer:

@@ -29,7 +29,7 @@ from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
-from toolkit.row_memo import KEY, MemoWriter, memo_positions, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
 from toolkit.runner import map_batches
 from toolkit.split_groups import BUILTIN_SOURCE, joined_splits, own_splits, table_splits
 
@@ -130,11 +130,12 @@ def _own_splits(table: pq.ParquetFile, config: TemplateConfig, memo: pa.Table | 
     # a column named by split_by is not in the memo key: such splits are worked out again (cheap: no passages)
     by_column = config.split_by not in ("auto", "instruction_input")
     positions, parts = [], []
+    seen_in_memo = memo_lookup(None if by_column else memo)
     for batch in table.iter_batches(batch_rows, columns=needed):
         keys = row_keys(batch)
         builtin = pc.starts_with(batch.column("source"), BUILTIN_SOURCE) if "source" in batch.schema.names \
             else pa.array([False] * batch.num_rows)
-        where = memo_positions(keys, None if by_column else memo)
+        where = seen_in_memo(keys)
         if memo is not None and (where >= 0).any():  # the same text from the generator and a file splits apart
             where[(where >= 0) & (memo.column("builtin").to_numpy(zero_copy_only=False)[np.maximum(where, 0)]
                                   != builtin.to_numpy(zero_copy_only=False))] = -1

@@ -9,6 +9,7 @@ unseen keys need the work; everything the whole table decides (duplicates, split
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,12 +36,15 @@ def row_keys(rows: pa.Table | pa.RecordBatch) -> pa.Array:
     return pa.array(keys, pa.string())
 
 
-def memo_positions(keys: pa.Array, memo: pa.Table | None) -> np.ndarray:
-    """Give back each key's row in `memo` (-1: not in it)."""
-    if memo is None or memo.num_rows == 0:
-        return np.full(len(keys), -1, np.int64)
-    found = pc.index_in(keys, value_set=memo.column(KEY).combine_chunks())
-    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+def memo_lookup(memo: pa.Table | None) -> Callable[[pa.Array], np.ndarray]:
+    """Give back a function: keys -> each key's row in `memo` (-1: not in it). The memo is indexed once here:
+    Arrow's index_in would hash the whole memo again for every batch looked up."""
+    rows = {key: row for row, key in enumerate(memo.column(KEY).to_pylist())} if memo is not None else {}
+
+    def positions(keys: pa.Array) -> np.ndarray:
+        return np.fromiter((rows.get(key, -1) for key in keys.to_pylist()), np.int64, len(keys))
+
+    return positions
 
 
 def with_memo(positions: np.ndarray, memo: pa.Table | None, fresh: pa.Table, columns: list[str]

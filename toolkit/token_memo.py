@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from catalog import layout
 from catalog.sections import RunnerConfig
-from toolkit.row_memo import KEY, MemoWriter, memo_positions, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
 from toolkit.runner import map_batches
 from toolkit.tokenizer import IGNORE_INDEX
 
@@ -48,6 +48,7 @@ class TokenMemo:
     def __init__(self, earlier: Path | None, out: Path, schema: pa.Schema):
         self.earlier = earlier
         self.memo = layout.read_memo(earlier)
+        self.positions = memo_lookup(self.memo)
         self.schema = schema
         self.writer = MemoWriter(layout.memo_file(out), pa.schema(
             [pa.field(KEY, pa.string()), *(schema.field(name) for name in KEPT)]))
@@ -62,7 +63,7 @@ class TokenMemo:
             for batch in batches:
                 keys = row_keys(batch)
                 whole = _has_conversations(batch)
-                positions = np.full(batch.num_rows, -1, np.int64) if whole else memo_positions(keys, self.memo)
+                positions = np.full(batch.num_rows, -1, np.int64) if whole else self.positions(keys)
                 pending.append((batch, keys, positions))
                 yield batch.filter(pa.array(positions < 0))
 
