@@ -32,13 +32,6 @@ def tokenized_rows_expectations(max_length: int) -> list[Any]:
     return expectations
 
 
-def tokenized_ids_expectations() -> list[Any]:
-    """Give back the expectations over the whole `id` column (uniqueness is not a row's own property)."""
-    import great_expectations.expectations as gxe
-
-    return [gxe.ExpectColumnValuesToBeUnique(column="id")]
-
-
 def rows_to_check(written: pd.DataFrame, earlier: Path | None) -> pd.DataFrame:
     """Give back the written rows the row expectations must see: all of them, or, when `earlier` (a tokenize
     artifact of the same recipe) met them on every row, those it did not hold. A row is matched by id and
@@ -57,6 +50,8 @@ def tokenized_summary_expectations(vocab_size: int, max_truncated_share: float, 
 
     return [
         gxe.ExpectColumnValuesToBeBetween(column="zero_target_rows", min_value=0, max_value=0),
+        # ids must be unique over the whole table; the row suite may see only the rows not checked before
+        gxe.ExpectColumnValuesToBeBetween(column="repeated_ids", min_value=0, max_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="truncated_share", min_value=0, max_value=max_truncated_share),
         gxe.ExpectColumnValuesToBeBetween(column="target_tokens_lost_share", min_value=0,
                                           max_value=max_target_tokens_lost_share),

@@ -33,7 +33,7 @@ from catalog.store import ArtifactRef
 from toolkit.conversations import conversation_fields
 from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerprint_fields, fingerprints_of
 from toolkit.language import identify_language, latin_share
-from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoWriter, changed_only, memo_lookup, row_keys, with_memo
 from toolkit.runner import map_batches
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -211,9 +211,9 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
 
     Two passes over Arrow batches, so memory holds a batch plus a hash and a signature per row: the first
     normalises and checks each batch (on `runner`) into a staging file and feeds the duplicate finder here, in
-    order; the second splits the staged rows into kept and dropped once the duplicates are known. A row whose
-    key is in the memo of `earlier` (a clean artifact of the same recipe) takes its checks and fingerprints from
-    there; duplicates are decided over all rows again, so the result is that of checking every row.
+    order; the second splits the staged rows into kept and dropped once the duplicates are known. A row in the memo
+    of `earlier` (a clean artifact of the same recipe) takes its checks and fingerprints from there; duplicates
+    are decided over all rows again, so the result is that of checking every row.
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
     source = pq.ParquetFile(layout.data_file(ingested), pre_buffer=False)
@@ -243,12 +243,14 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
                     frame, (checked["reason"] == "").to_numpy())).items():
                 fresh = fresh.append_column(name, column)
             columns = with_memo(positions, memo, fresh, memo_schema.names[1:])
+            columns.update({name: pc.coalesce(columns[name], batch.column(name)) for name in derived[:-2]})
             duplicates.add_known(batch.column("id"), pc.equal(columns["reason"], "").to_numpy(zero_copy_only=False),
                                  *fingerprints_of(columns))
             writer.write_table(pa.Table.from_arrays(
                 [columns[name] if name in columns else batch.column(name) for name in staged_schema.names],
                 schema=staged_schema))
-            memo_out.write(keys, columns)
+            memo_out.write(keys, {**columns, **{name: changed_only(columns[name], batch.column(name))
+                                                for name in derived[:-2]}})  # the texts: reason and detail last
             reused += int((positions >= 0).sum())
     memo_out.close()
     marks = duplicates.finish(lambda rows: layout.values_at(staging, "response", rows))

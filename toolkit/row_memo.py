@@ -91,3 +91,9 @@ class MemoWriter:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def changed_only(values: pa.Array, raw: pa.Array) -> pa.Array:
+    """Give back `values` with null where it equals the row's own `raw` value: a memo need not keep those
+    (pc.coalesce(memo value, raw) gives them back), and most rows come out of cleaning as they went in."""
+    return pc.if_else(pc.equal(values, raw), pa.scalar(None, values.type), values)
