@@ -119,6 +119,17 @@ MEMO_SCHEMA = pa.schema([(KEY, pa.string()), ("builtin", pa.bool_()), ("own_spli
                          ("passage", pa.list_(pa.binary(8)))] + [TEMPLATED_SCHEMA.field(name) for name in RENDERED])
 
 
+def _passages(column: pa.ListArray) -> list[tuple[bytes, ...]]:
+    """Give back each row's passage digests as tuples (what joined_splits takes), without Arrow's slow to_pylist."""
+    digests = np.frombuffer(column.values.buffers()[1], "V8", count=len(column.values),
+                            offset=column.values.offset * 8).tolist()
+    offsets = column.offsets.to_numpy()
+    passages: list[tuple[bytes, ...]] = [()] * len(column)
+    for row in np.flatnonzero(np.diff(offsets)).tolist():
+        passages[row] = tuple(digests[offsets[row]:offsets[row + 1]])
+    return passages
+
+
 def _own_splits(table: pq.ParquetFile, config: TemplateConfig, memo: pa.Table | None, batch_rows: int
                 ) -> tuple[list[str], np.ndarray, dict[str, pa.Array]]:
     """Give back (every row's split over the whole table, each row's memo position, what the memo keeps of a row
@@ -147,7 +158,7 @@ def _own_splits(table: pq.ParquetFile, config: TemplateConfig, memo: pa.Table | 
         positions.append(where)
     columns = {name: pa.concat_arrays([part[name] for part in parts]) for name in parts[0]} if parts else {}
     own = columns["own_split"].to_pylist() if parts else []
-    passages = [tuple(p) for p in columns["passage"].to_pylist()] if parts else []
+    passages = _passages(columns["passage"]) if parts else []
     return (joined_splits(own, passages, config.val_fraction, config.test_fraction),
             np.concatenate(positions) if positions else np.zeros(0, np.int64), columns)
 
