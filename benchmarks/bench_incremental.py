@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._results import write_results  # noqa: E402
+from benchmarks._results import RESULTS, write_results  # noqa: E402
 from benchmarks.bench_data import generate_rows  # noqa: E402
 
 DATA_STEPS = ("ingest", "clean", "validate", "template", "tokenize")
@@ -51,7 +51,7 @@ def artifact_files(root: Path, step: str, key: str) -> dict[str, str]:
             for path in sorted(folder.rglob("*.parquet"))}
 
 
-def measure(rows: int, files: int, new_rows: int) -> dict[str, Any]:
+def measure(rows: int, files: int, new_rows: int, scratch_too: bool = True) -> dict[str, Any]:
     """Give back the figures of one size: first, fixed, incremental and from-scratch runs, and the equality check."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "source"
@@ -66,13 +66,14 @@ def measure(rows: int, files: int, new_rows: int) -> dict[str, Any]:
         generate_rows(new_rows, source / f"part-{files:03d}.jsonl", seed=files)
         load_before = os.getloadavg()[0]
         incremental = itune_run(source, Path(tmp) / "root")
-        scratch = itune_run(source, Path(tmp) / "scratch")
+        scratch = itune_run(source, Path(tmp) / "scratch") if scratch_too else None
         same = {step: artifact_files(Path(tmp) / "root", step, incremental["steps"][step]["key"])
                 == artifact_files(Path(tmp) / "scratch", step, scratch["steps"][step]["key"])
-                and incremental["steps"][step]["key"] == scratch["steps"][step]["key"] for step in DATA_STEPS}
+                and incremental["steps"][step]["key"] == scratch["steps"][step]["key"] for step in DATA_STEPS} \
+            if scratch else {}
     ratio = (incremental["seconds"] - fixed["seconds"]) / (first["seconds"] - fixed["seconds"])
     return {"rows": rows, "files": files, "new_rows": new_rows, "first": first["seconds"], "fixed": fixed["seconds"],
-            "incremental": incremental["seconds"], "scratch": scratch["seconds"], "ratio": ratio,
+            "incremental": incremental["seconds"], "scratch": scratch["seconds"] if scratch else None, "ratio": ratio,
             "goal": 0.20 if rows < 1_000_000 else 0.10, "identical": same,
             "steps": {step: incremental["steps"][step]["seconds"] for step in DATA_STEPS},
             "first_steps": {step: first["steps"][step]["seconds"] for step in DATA_STEPS},
@@ -80,28 +81,37 @@ def measure(rows: int, files: int, new_rows: int) -> dict[str, Any]:
             "load": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
+def _earlier_rows(sizes: set[int]) -> list[str]:
+    """Give back the table rows RESULTS.md holds for other sizes (each size is measured by its own command)."""
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
+    body = text.split(SECTION + "\n", 1)[1].split("\n## ", 1)[0] if SECTION + "\n" in text else ""
+    return [line for line in body.splitlines() if re.match(r"^\| [\d,]+ in ", line)
+            and int(line[2:].split(" ")[0].replace(",", "")) not in sizes]
+
+
 def section(results: list[dict[str, Any]], command: str) -> str:
-    lines = []
+    lines = _earlier_rows({r["rows"] for r in results})
     for r in results:
         steps = ", ".join(f"{step} {r['steps'][step]:.1f} s" for step in DATA_STEPS)
-        identical = "yes" if all(r["identical"].values()) else \
+        identical = "not compared" if not r["identical"] else "yes" if all(r["identical"].values()) else \
             "no: " + ", ".join(step for step, same in r["identical"].items() if not same)
         lines.append(f"| {r['rows']:,} in {r['files']} files + {r['new_rows']:,} | {r['first']:.1f} | "
                      f"{r['fixed']:.1f} | {r['incremental']:.1f} | **{r['ratio']:.2f}** (goal ≤ {r['goal']:.2f}) | "
-                     f"{identical} | {steps} | {r['load'][0]} → {r['load'][1]} |")
+                     f"{identical} | {steps} | {r['load'][0]} → {r['load'][1]} | `{command}` |")
     table = "\n".join(lines)
     return f"""{SECTION}
 
-Command: `{command}` ({os.cpu_count()} CPU cores shared with other jobs). Generated Alpaca-style JSONL (bench_data.py's
-generator, one seed per file), `itune run --until tokenize` with the default config on a fresh root (first), the same
-command again (all Cached: the fixed cost of starting Python, the local Prefect API and checking every artifact), a
-new file of 1% more rows, the same command again (incremental). Ratio = (incremental - fixed) / (first - fixed).
-Identical: a from-scratch run on the grown folder (fresh root) gives the same keys and byte-identical Parquet files
-(data, quarantine, row memos) in all five data steps. Per step: the incremental run's Prefect task seconds. Load:
-the 1-minute load average before and after the incremental run.
+Each row's command is in its last column ({os.cpu_count()} CPU cores shared with other jobs). Generated Alpaca-style
+JSONL (bench_data.py's generator, one seed per file), `itune run --until tokenize` with the default config on a
+fresh root (first), the same command again (all Cached: the fixed cost of starting Python, the local Prefect API
+and checking every artifact), a new file of 1% more rows, the same command again (incremental). Ratio =
+(incremental - fixed) / (first - fixed). Identical: a from-scratch run on the grown folder (fresh root) gives the
+same keys and byte-identical Parquet files (data, quarantine, row memos) in all five data steps (`--no-scratch`
+skips that run: "not compared"). Per step: the incremental run's Prefect task seconds. Load: the 1-minute load
+average before and after the incremental run.
 
-| source | first s | fixed s | incremental s | ratio | identical | incremental per step | load |
-|---|---|---|---|---|---|---|---|
+| source | first s | fixed s | incremental s | ratio | identical | incremental per step | load | command |
+|---|---|---|---|---|---|---|---|---|
 {table}
 """
 
@@ -111,11 +121,12 @@ def main() -> None:
     parser.add_argument("--rows", default="200000", help="comma-separated sizes of the first folder")
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--new-share", type=float, default=0.01, help="the new file's rows, as a share of the first")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch run and the comparison")
     parser.add_argument("--write", action="store_true", help="write the figures into benchmarks/RESULTS.md")
     args = parser.parse_args()
     results = []
     for rows in (int(n) for n in args.rows.split(",")):
-        result = measure(rows, args.files, round(rows * args.new_share))
+        result = measure(rows, args.files, round(rows * args.new_share), not args.no_scratch)
         print(json.dumps(result), flush=True)
         results.append(result)
     command = "python " + " ".join(re.sub(r"^.*benchmarks/", "benchmarks/", a) for a in sys.argv)
