@@ -131,5 +131,7 @@ def test_a_broken_new_file_is_quarantined_or_refused_and_earlier_rows_are_untouc
 def test_the_data_steps_gpt2_encoder_is_the_one_transformers_builds():
     from toolkit.tokenizer import gpt2_encoder, gpt2_tokenizer
 
-    assert json.loads(gpt2_encoder().to_str()) == json.loads(gpt2_tokenizer().backend_tokenizer.to_str())
+    # a fresh one: calls with truncation=/padding= leave those settings on the cached tokenizer's backend
+    built_by_transformers = gpt2_tokenizer.__wrapped__().backend_tokenizer
+    assert json.loads(gpt2_encoder().to_str()) == json.loads(built_by_transformers.to_str())
     assert gpt2_encoder().encode("Hello world<|endoftext|>").ids == [15496, 995, 50256]
