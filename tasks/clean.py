@@ -234,7 +234,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
             pending.append((batch, keys := row_keys(batch), positions := seen_in_memo(keys)))
             yield batch.filter(pa.array(positions < 0))
 
-    with pq.ParquetWriter(staging, staged_schema) as writer:
+    with pq.ParquetWriter(staging, staged_schema, compression="none") as writer:  # read once, then deleted
         for frame, checked in map_batches(check_batch, unseen(), config, runner=runner, step="clean"):
             batch, keys, positions = pending.popleft()
             fresh = pa.Table.from_pandas(pd.concat([frame, checked], axis=1)[derived], pa.schema(
