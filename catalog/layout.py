@@ -45,7 +45,8 @@ def read_memo(folder: Path | None) -> Any:
 
     if folder is None or not memo_file(folder).is_file():
         return None
-    return pq.read_table(memo_file(folder))
+    # one chunk per column: rows are taken from it batch after batch, and a take over many chunks costs more
+    return pq.read_table(memo_file(folder)).combine_chunks()
 
 
 def data_docs_index(folder: Path) -> Path:

