@@ -22,6 +22,9 @@ METRICS = "metrics.json"  # evaluate's figures
 REPORT = "report.md"
 LOSS_CURVE = "loss_curve.png"
 SAMPLES = "samples.parquet"
+# what a data step derived for each distinct row (keyed by toolkit.row_memo.row_keys), so the next build of the
+# same step on grown data redoes only the rows it has not seen
+ROW_MEMO = "row_memo.parquet"
 
 
 def data_file(folder: Path) -> Path:
@@ -30,6 +33,20 @@ def data_file(folder: Path) -> Path:
 
 def quarantine_file(folder: Path) -> Path:
     return Path(folder) / QUARANTINE
+
+
+def memo_file(folder: Path) -> Path:
+    return Path(folder) / ROW_MEMO
+
+
+def read_memo(folder: Path | None) -> Any:
+    """Give back an artifact's row memo as a pyarrow Table, or None when there is no such artifact or memo."""
+    import pyarrow.parquet as pq
+
+    if folder is None or not memo_file(folder).is_file():
+        return None
+    # one chunk per column: rows are taken from it batch after batch, and a take over many chunks costs more
+    return pq.read_table(memo_file(folder)).combine_chunks()
 
 
 def data_docs_index(folder: Path) -> Path:
@@ -47,6 +64,26 @@ def data_columns(folder: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     return pq.read_schema(data_file(folder)).names
+
+
+def values_at(path: Path, column: str, rows: Any) -> list[str]:
+    """Give back one column's values at `rows` (ascending) of a Parquet file, reading only their row groups."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wanted = np.asarray(rows, np.int64)
+    source = pq.ParquetFile(path, pre_buffer=False)
+    values: list[str] = []
+    offset = 0
+    for group in range(source.num_row_groups):
+        size = source.metadata.row_group(group).num_rows
+        inside = wanted[(wanted >= offset) & (wanted < offset + size)]
+        if len(inside):
+            chunk = source.read_row_group(group, columns=[column]).column(0)
+            values += chunk.take(pa.array(inside - offset)).to_pylist()
+        offset += size
+    return values
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

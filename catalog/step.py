@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catalog.keys import PROJECT_PACKAGES, artifact_key, code_parts, code_version, rebuild_reasons
+from catalog.keys import (
+    PROJECT_PACKAGES,
+    artifact_key,
+    canonical_json,
+    code_parts,
+    code_version,
+    rebuild_reasons,
+    sha256_text,
+)
 from catalog.store import MANIFEST, ArtifactError, ArtifactRef, ArtifactStore
 
 # Operators rehearse "fail, then rerun only what failed" by naming a step here; it fails only when it would build.
@@ -69,6 +77,17 @@ class Step:
         key, record = self._planned(config, inputs)
         return Plan(self.name, key, ArtifactStore(root).manifest(self.name, key) is not None, record)
 
+    def recipe(self, config: dict[str, Any], inputs: list[ArtifactRef]) -> str:
+        """Give back a hash of how this step's output is made from the source: its config and code version and its
+        inputs' recipes, all but the source data itself. Equal recipes: each row is derived the same way."""
+        upstream = [ref.manifest().get("recipe", "") for ref in inputs]
+        return sha256_text(canonical_json([self.name, config, code_version(self.code), upstream]))
+
+    def earlier(self, config: dict[str, Any], root: str, inputs: list[ArtifactRef]) -> Path | None:
+        """Give back the folder of this step's newest intact artifact with the recipe a build now would have (its
+        key differs only by the data), whose derived rows a build may reuse; None when there is none."""
+        return earlier_build(ArtifactStore(root), self.name, self.recipe(config, inputs))
+
     def produce(
         self,
         config: dict[str, Any],
@@ -97,12 +116,14 @@ class Step:
             "code_version": planned["code_version"],
             "code": planned["code"],
             "source_fingerprint": planned["source"],
+            "recipe": self.recipe(config, inputs),
             "rebuilt_because": reasons,
             "built_by": current_run_ids(),
         }
         with store.writing(self.name, key, record) as out:
             record.update(build(out, input_dirs))
-        manifest = store.manifest(self.name, key)
+        # the copy this build published was hashed as it was written; one another run published first is verified
+        manifest = store.published.pop(store.path(self.name, key), None) or store.manifest(self.name, key)
         if manifest is None:
             raise ArtifactError(f"artifact {store.path(self.name, key)} failed verification right after writing")
         return store.ref(self.name, key, manifest), True
@@ -122,6 +143,26 @@ def newest_manifest(store: ArtifactStore, step: str, other_than: str | None = No
         if newest is None or str(manifest.get("created_at")) > str(newest.get("created_at")):
             newest = manifest
     return newest
+
+
+def earlier_build(store: ArtifactStore, step: str, recipe: str) -> Path | None:
+    """Give back the folder of the newest artifact of `step` on this root made by `recipe` that verifies, or None.
+
+    Read on this machine's root (a shared root's mirror): an artifact only the shared copy holds is not looked for.
+    """
+    found: list[tuple[str, str]] = []
+    folder = store.root / step
+    for listing in folder.glob(f"[!.]*/{MANIFEST}") if folder.is_dir() else []:
+        try:
+            manifest = json.loads(listing.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if manifest.get("recipe") == recipe:
+            found.append((str(manifest.get("created_at")), listing.parent.name))
+    for _, key in sorted(found, reverse=True):
+        if store.manifest(step, key) is not None:  # reused rows are read, so they must verify like any input
+            return store.path(step, key)
+    return None
 
 
 def _log_to_run(message: str) -> None:

@@ -83,6 +83,8 @@ class ArtifactStore:
 
     def __init__(self, root: str | Path):
         self.shared = SharedRoot(str(root)) if is_url(root) else None
+        # manifests this store published itself, by folder: their files were hashed just before the rename
+        self.published: dict[Path, dict[str, Any]] = {}
         self.root = self.shared.mirror if self.shared else Path(absolute_root(root))
 
     @property
@@ -151,8 +153,10 @@ class ArtifactStore:
                 "versions": {"python": platform.python_version(), **library_versions(MANIFEST_LIBRARIES)},
             }
             manifest.setdefault("rows", 0)
-            write_text_atomically(temp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-            self._publish(temp, final)
+            text = json.dumps(manifest, indent=2, default=str)
+            write_text_atomically(temp / MANIFEST, text)
+            if self._publish(temp, final):
+                self.published[final] = json.loads(text)  # as a reader of the file would see it
         finally:
             shutil.rmtree(temp, ignore_errors=True)
         if self.shared is not None:
@@ -192,10 +196,11 @@ class ArtifactStore:
             shutil.rmtree(temp, ignore_errors=True)
         return _intact_manifest(final)
 
-    def _publish(self, temp: Path, final: Path) -> None:
+    def _publish(self, temp: Path, final: Path) -> bool:
+        """Rename `temp` to `final`; give back whether it was this copy that landed there."""
         if final.exists():
             if _intact_manifest(final) is not None:
-                return  # another run published the same content first
+                return False  # another run published the same content first
             aside = final.parent / f".corrupt-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, aside)
             shutil.rmtree(aside, ignore_errors=True)
@@ -204,6 +209,8 @@ class ArtifactStore:
         except OSError:
             if _intact_manifest(final) is None:
                 raise
+            return False
+        return True
 
 
 def _intact_manifest(folder: Path) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import html
 import json
 import re
 import unicodedata
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ from catalog.sections import CleanConfig, RunnerConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.conversations import conversation_fields
-from toolkit.dedup import TEXT_FIELDS, Duplicates
+from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerprint_fields, fingerprints_of
 from toolkit.language import identify_language, latin_share
+from toolkit.row_memo import KEY, MemoWriter, changed_only, memo_lookup, row_keys, with_memo
 from toolkit.runner import map_batches
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -172,16 +174,6 @@ def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, 
              language + " (" + confidence.map("{:.2f}".format) + ")")
     return frame, pd.DataFrame({"reason": reason, "detail": detail})
 
-def _apply(checked: pd.DataFrame, marks: dict[int, tuple[str, str]], offset: int) -> pd.DataFrame:
-    """Give back the batch's reason/detail frame (rows from `offset` on) with its duplicate marks filled in."""
-    rows = [row for row in marks if offset <= row < offset + len(checked)]
-    if not rows:
-        return checked
-    checked = checked.copy()
-    checked.iloc[[row - offset for row in rows], 0] = [marks[row][0] for row in rows]
-    checked.iloc[[row - offset for row in rows], 1] = [marks[row][1] for row in rows]
-    return checked
-
 def _mark_token_bounds(frame: pd.DataFrame, reason: pd.Series, mark: Any, config: CleanConfig) -> None:
     # only rows whose bounds leave the answer open are tokenized: the character checks removed the giants,
     # and most rows are far inside the limits
@@ -214,46 +206,75 @@ def check_batch(batch: pa.RecordBatch, config: CleanConfig) -> tuple[pd.DataFram
 
 
 def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int = 20_000,
-                runner: RunnerConfig | None = None) -> dict[str, Any]:
-    """Write data.parquet and quarantine.parquet (upstream quarantine carried along); give back counts.
+                runner: RunnerConfig | None = None, earlier: Path | None = None) -> dict[str, Any]:
+    """Write data.parquet, quarantine.parquet and row_memo.parquet; give back counts (upstream's quarantine too).
 
     Two passes over Arrow batches, so memory holds a batch plus a hash and a signature per row: the first
     normalises and checks each batch (on `runner`) into a staging file and feeds the duplicate finder here, in
-    order; the second splits the staged rows into kept and dropped once the duplicates are known.
+    order; the second splits the staged rows into kept and dropped once the duplicates are known. A row in the memo
+    of `earlier` (a clean artifact of the same recipe) takes its checks and fingerprints from there; duplicates
+    are decided over all rows again, so the result is that of checking every row.
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
     source = pq.ParquetFile(layout.data_file(ingested), pre_buffer=False)
     schema = source.schema_arrow.remove_metadata()
     staged_schema = schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
-    staging = out / ".checked.parquet"
-    duplicates = Duplicates(config)
-    with pq.ParquetWriter(staging, staged_schema) as writer:
-        for frame, checked in map_batches(check_batch, source.iter_batches(batch_size=batch_rows), config,
-                                          runner=runner, step="clean"):
-            duplicates.add(frame, checked["reason"])
-            writer.write_table(pa.Table.from_pandas(pd.concat([frame, checked], axis=1), staged_schema,
-                                                    preserve_index=False))
-    marks = duplicates.finish(lambda rows: _rows_of(staging, "response", rows))
-    kept = 0
-    dropped: dict[str, int] = {}
+    derived = [name for name in ("instruction", "input", "response", "messages", "reason", "detail")
+               if name in staged_schema.names]
+    memo_schema = pa.schema([pa.field(KEY, pa.string()), *(staged_schema.field(name) for name in derived),
+                             *fingerprint_fields(config.near_duplicate_num_perm)])
+    memo = layout.read_memo(earlier)
+    seen_in_memo, staging, duplicates = memo_lookup(memo), out / ".checked.parquet", Duplicates(config)
+    memo_out = MemoWriter(layout.memo_file(out), memo_schema)
+    pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
+    reused = 0
+
+    def unseen() -> Any:
+        for batch in source.iter_batches(batch_size=batch_rows):
+            pending.append((batch, keys := row_keys(batch), positions := seen_in_memo(keys)))
+            yield batch.filter(pa.array(positions < 0))
+
+    with pq.ParquetWriter(staging, staged_schema, compression="none") as writer:  # read once, then deleted
+        for frame, checked in map_batches(check_batch, unseen(), config, runner=runner, step="clean"):
+            batch, keys, positions = pending.popleft()
+            fresh = pa.Table.from_pandas(pd.concat([frame, checked], axis=1)[derived], pa.schema(
+                [memo_schema.field(name) for name in derived]), preserve_index=False)
+            for name, column in fingerprint_columns(*duplicates.fingerprints(
+                    frame, (checked["reason"] == "").to_numpy())).items():
+                fresh = fresh.append_column(name, column)
+            columns = with_memo(positions, memo, fresh, memo_schema.names[1:])
+            columns.update({name: pc.coalesce(columns[name], batch.column(name)) for name in derived[:-2]})
+            duplicates.add_known(batch.column("id"), pc.equal(columns["reason"], "").to_numpy(zero_copy_only=False),
+                                 *fingerprints_of(columns))
+            writer.write_table(pa.Table.from_arrays(
+                [columns[name] if name in columns else batch.column(name) for name in staged_schema.names],
+                schema=staged_schema))
+            memo_out.write(keys, {**columns, **{name: changed_only(columns[name], batch.column(name))
+                                                for name in derived[:-2]}})  # the texts: reason and detail last
+            reused += int((positions >= 0).sum())
+    memo_out.close()
+    marks = duplicates.finish(lambda rows: layout.values_at(staging, "response", rows))
+    marked = np.array(sorted(marks), np.int64)
+    kept, offset, dropped = 0, 0, {}
     staged = pq.ParquetFile(staging, pre_buffer=False)
     with pq.ParquetWriter(layout.data_file(out), schema) as keep, \
             pq.ParquetWriter(layout.quarantine_file(out), staged_schema) as drop:
-        offset = 0
         for batch in staged.iter_batches(batch_size=batch_rows):
             table = pa.Table.from_batches([batch])
-            checked = _apply(table.select(["reason", "detail"]).to_pandas(), marks, offset)
+            rows = marked[(marked >= offset) & (marked < offset + table.num_rows)].tolist()
+            for part, name in enumerate(("reason", "detail") if rows else ()):
+                values = table.column(name).to_pylist()
+                for row in rows:
+                    values[row - offset] = marks[row][part]
+                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
             offset += table.num_rows
-            table = table.set_column(table.schema.get_field_index("reason"), "reason",
-                                     pa.array(checked["reason"].tolist(), pa.string()))
-            table = table.set_column(table.schema.get_field_index("detail"), "detail",
-                                     pa.array(checked["detail"].tolist(), pa.string()))
             is_dropped = pc.not_equal(table.column("reason"), "")
             keep.write_table(table.filter(pc.invert(is_dropped)).select(schema.names))
             drop.write_table(table.filter(is_dropped))
             kept += table.num_rows - int(pc.sum(is_dropped).as_py() or 0)
-            for why, count in checked["reason"][checked["reason"] != ""].value_counts().items():
-                dropped[why] = dropped.get(why, 0) + int(count)
+            for entry in pc.value_counts(table.column("reason")).to_pylist():
+                if entry["values"]:
+                    dropped[entry["values"]] = dropped.get(entry["values"], 0) + entry["counts"]
     staging.unlink()
     upstream = pq.ParquetFile(layout.quarantine_file(ingested)).metadata.num_rows
     removed = sum(dropped.values())
@@ -265,23 +286,8 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
         "duplicate_ratio": duplicates_dropped / max(kept + removed, 1),
         "quarantined_upstream": upstream,
         "quarantine_ratio": (removed + upstream) / total if total else 0.0,
+        "rows_reused": reused, "reused_from": earlier.name if earlier is not None and reused else None,
     }
-
-
-def _rows_of(path: Path, column: str, rows: np.ndarray) -> list[str]:
-    """Give back one column's values at `rows` (ascending) of a Parquet file, reading only their row groups."""
-    wanted = np.asarray(rows, np.int64)
-    source = pq.ParquetFile(path, pre_buffer=False)
-    values: list[str] = []
-    offset = 0
-    for group in range(source.num_row_groups):
-        size = source.metadata.row_group(group).num_rows
-        inside = wanted[(wanted >= offset) & (wanted < offset + size)]
-        if len(inside):
-            chunk = source.read_row_group(group, columns=[column]).column(0)
-            values += chunk.take(pa.array(inside - offset)).to_pylist()
-        offset += size
-    return values
 
 
 @task(**step_task_options(STEP))
@@ -289,5 +295,6 @@ def clean(config: dict[str, Any], root: str, ingested: ArtifactRef, runner: dict
           ) -> ArtifactRef:
     """Prefect task: the clean artifact for this ingest artifact; `runner` (where batches are checked) is not keyed."""
     ref, built = STEP.produce(config, root, [ingested], lambda out, inputs: write_clean(
-        CleanConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
+        CleanConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {}),
+        earlier=STEP.earlier(config, root, [ingested])))
     return finish_step(root, ref, built)

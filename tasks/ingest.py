@@ -30,10 +30,11 @@ from catalog.caching import finish_step, step_task_options
 from catalog.keys import canonical_json, sha256_text
 from catalog.sections import DataConfig, SourceSpec
 from catalog.step import Step
-from catalog.store import ArtifactRef, sha256_file
+from catalog.store import ArtifactRef
 from toolkit import builtin_tasks
 from toolkit.formats import canonical_rows
-from toolkit.readers import HUB, IngestError, is_saved_dataset, record_streams, resolve_files
+from toolkit.readers import HUB, IngestError, is_saved_dataset, read_records, record_streams, resolve_files
+from toolkit.source_files import SourceFiles, file_digest, rebatched
 
 CANONICAL_COLUMNS = ["id", "instruction", "input", "response", "source", "category", "messages"]
 DATA_SCHEMA = pa.schema([(column, pa.string()) for column in CANONICAL_COLUMNS])
@@ -54,19 +55,28 @@ def _source_specs(config: DataConfig) -> list[SourceSpec]:
 
 
 def _ingest_batches(config: DataConfig, quarantine: list[dict[str, Any]], per_source: list[dict[str, Any]],
-                    batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+                    batch_rows: int = 10_000, files: SourceFiles | None = None) -> Iterator[pa.RecordBatch]:
     """Yield the canonical rows in Arrow batches, source after source; fill `quarantine` and `per_source`.
 
-    Rows stream from the files to the batches: memory holds one batch, not the data set.
+    Rows stream from the files to the batches: memory holds one batch (or one file), not the data set. A source
+    of files taking every row goes file by file through `files`, which reuses an unchanged file's rows.
     """
     remaining = config.max_rows
-    for spec in _source_specs(config):
+    for number, spec in enumerate(_source_specs(config)):
+        if files is not None and _takes_whole_files(spec, config):
+            read = 0
+            def reader(label: str, _: int, rejected: list[dict[str, Any]], spec: SourceSpec = spec) -> pa.Table:
+                return file_rows(label, spec, config, rejected)
+            for table in rebatched(files.tables(number, spec.source, reader, quarantine), batch_rows):
+                read += table.num_rows
+                yield table.to_batches()[0]
+            per_source.append({"source": spec.source, "rows_read": read, "rows_kept": read})
+            continue
         read = kept = 0
         rows = _spec_rows(spec, config, quarantine)
         while batch := list(itertools.islice(rows, batch_rows)):
             read += len(batch)
-            ids = [row_id(row["instruction"], row["input"], row["response"]) for row in batch]
-            chosen = list(zip(ids, batch, strict=True))
+            chosen = list(zip(_ids(batch), batch, strict=True))
             if spec.weight < 1:
                 chosen = [(i, row) for i, row in chosen if _unit_hash(i) < spec.weight]
             if spec.max_rows is not None:
@@ -76,11 +86,36 @@ def _ingest_batches(config: DataConfig, quarantine: list[dict[str, Any]], per_so
                 chosen = chosen[:max(remaining, 0)]
                 remaining -= len(chosen)
             if chosen:
-                yield pa.RecordBatch.from_pydict(
-                    {"id": [i for i, _ in chosen],
-                     **{c: [str(row.get(c) or "") for _, row in chosen] for c in CANONICAL_COLUMNS[1:]}},
-                    schema=DATA_SCHEMA)
+                if files is not None:
+                    files.rows_before += len(chosen)
+                yield _record_batch([i for i, _ in chosen], [row for _, row in chosen])
         per_source.append({"source": spec.source, "rows_read": read, "rows_kept": kept})
+
+
+def _takes_whole_files(spec: SourceSpec, config: DataConfig) -> bool:
+    """Whether a source is files whose every row is kept: then each file's rows can be reused while it is unchanged."""
+    local = Path(spec.source).expanduser()
+    return (spec.source != BUILTIN and not spec.source.startswith(HUB) and not is_saved_dataset(local)
+            and spec.weight >= 1 and spec.max_rows is None and config.max_rows is None)
+
+
+def _ids(rows: list[dict[str, str]]) -> list[str]:
+    return [row_id(row["instruction"], row["input"], row["response"]) for row in rows]
+
+
+def _record_batch(ids: list[str], rows: list[dict[str, str]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {"id": ids, **{c: [str(row.get(c) or "") for row in rows] for c in CANONICAL_COLUMNS[1:]}},
+        schema=DATA_SCHEMA)
+
+
+def file_rows(label: str, spec: SourceSpec, config: DataConfig, quarantine: list[dict[str, Any]]) -> pa.Table:
+    """Give back the canonical rows of one file of a source as a table, appending its bad records to `quarantine`."""
+    fmt = spec.format or config.format
+    rows = list(canonical_rows(label, read_records(Path(label)), None if fmt == "auto" else fmt,
+                               config.columns if spec.columns is None else spec.columns, config.max_record_chars,
+                               quarantine))
+    return pa.Table.from_batches([_record_batch(_ids(rows), rows)])
 
 
 def _spec_rows(spec: SourceSpec, config: DataConfig, quarantine: list[dict[str, Any]]) -> Iterator[dict[str, str]]:
@@ -117,19 +152,24 @@ def _one_fingerprint(source: str) -> str:
             source.startswith(HUB) or is_saved_dataset(local)) else resolve_files(source)
     except IngestError:
         return "unresolved:" + source  # ingest itself reports the problem as a step failure
-    return sha256_text(canonical_json([[str(f), sha256_file(f)] for f in files]))
+    return sha256_text(canonical_json([[str(f), file_digest(f)] for f in files]))
 
 
 STEP = Step("ingest", __name__, libraries=("pyarrow", "pandas", "datasets"), fingerprint=source_fingerprint)
 
 
-def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000) -> dict[str, Any]:
-    """Write data.parquet (streamed in Arrow batches) and quarantine.parquet; give back the manifest's row counts."""
+def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlier: Path | None = None
+                 ) -> dict[str, Any]:
+    """Write data.parquet (streamed in Arrow batches) and quarantine.parquet; give back the manifest's row counts.
+
+    `earlier`: an ingest artifact of the same config, whose rows of files unchanged since are reused.
+    """
     quarantine: list[dict[str, Any]] = []
     per_source: list[dict[str, Any]] = []
+    files = SourceFiles(earlier, DATA_SCHEMA)
     rows = 0
     with pq.ParquetWriter(layout.data_file(out), DATA_SCHEMA) as writer:
-        for batch in _ingest_batches(config, quarantine, per_source, batch_rows):
+        for batch in _ingest_batches(config, quarantine, per_source, batch_rows, files):
             writer.write_batch(batch)
             rows += batch.num_rows
     rejected = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str)
@@ -142,11 +182,13 @@ def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000) -> dic
                           f"({len(rejected)} quarantined{first})")
     rejected.to_parquet(layout.quarantine_file(out), index=False)
     return {"rows": rows, "quarantined": len(rejected),
-            "quarantined_by_code": rejected["code"].value_counts().to_dict(), "sources": per_source}
+            "quarantined_by_code": rejected["code"].value_counts().to_dict(), "sources": per_source,
+            **files.record()}
 
 
 @task(**step_task_options(STEP))
 def ingest(config: dict[str, Any], root: str) -> ArtifactRef:
     """Prefect task: the ingest artifact for this source."""
-    ref, built = STEP.produce(config, root, [], lambda out, _: write_ingest(DataConfig(**config), out))
+    ref, built = STEP.produce(config, root, [], lambda out, _: write_ingest(
+        DataConfig(**config), out, earlier=STEP.earlier(config, root, [])))
     return finish_step(root, ref, built)

@@ -12,11 +12,14 @@ between train, val and test unless a new row shows that two old groups ask about
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
@@ -26,8 +29,9 @@ from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
+from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
 from toolkit.runner import map_batches
-from toolkit.split_groups import table_splits
+from toolkit.split_groups import BUILTIN_SOURCE, joined_splits, own_splits, table_splits
 
 BOS = EOS = "<|endoftext|>"
 
@@ -105,39 +109,105 @@ TEMPLATED_SCHEMA = pa.schema([(name, pa.string()) for name in (
 
 def template_batch(batch: pa.RecordBatch, config: TemplateConfig) -> pa.Table:
     """Give back one Arrow batch of validated rows rendered (row-local: any runner may run it)."""
+    if not batch.num_rows:  # every row of the batch was rendered before; an empty frame has no list dtypes
+        return TEMPLATED_SCHEMA.empty_table()
     return pa.Table.from_pandas(apply_template(batch.to_pandas(), config), TEMPLATED_SCHEMA, preserve_index=False)
 
 
-def _with_offsets(batches: Any) -> Any:
-    start = 0
-    for batch in batches:
-        yield start, batch
-        start += batch.num_rows
+RENDERED = ["prompt", "completion", "segments", "segment_kinds"]
+MEMO_SCHEMA = pa.schema([(KEY, pa.string()), ("builtin", pa.bool_()), ("own_split", pa.string()),
+                         ("passage", pa.list_(pa.binary(8)))] + [TEMPLATED_SCHEMA.field(name) for name in RENDERED])
 
 
-def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000,
-                   runner: RunnerConfig | None = None) -> dict[str, Any]:
-    """Render the validated rows in Arrow batches into data.parquet; give back counts per split."""
-    splits: dict[str, int] = {}
-    rows = 0
-    table = pq.ParquetFile(layout.data_file(validated), pre_buffer=False)
-    needed = [name for name in ("instruction", "input", "response", "source", config.split_by)
+def _passages(column: pa.ListArray) -> list[tuple[bytes, ...]]:
+    """Give back each row's passage digests as tuples (what joined_splits takes), without Arrow's slow to_pylist."""
+    digests = np.frombuffer(column.values.buffers()[1], "V8", count=len(column.values),
+                            offset=column.values.offset * 8).tolist()
+    offsets = column.offsets.to_numpy()
+    passages: list[tuple[bytes, ...]] = [()] * len(column)
+    for row in np.flatnonzero(np.diff(offsets)).tolist():
+        passages[row] = tuple(digests[offsets[row]:offsets[row + 1]])
+    return passages
+
+
+def _own_splits(table: pq.ParquetFile, config: TemplateConfig, memo: pa.Table | None, batch_rows: int
+                ) -> tuple[list[str], np.ndarray, dict[str, pa.Array]]:
+    """Give back (every row's split over the whole table, each row's memo position, what the memo keeps of a row
+    for the split): a row seen before takes its own split and passage from the memo, the rest are worked out."""
+    needed = [name for name in ("id", "instruction", "input", "response", "source", "messages", config.split_by)
               if name in table.schema_arrow.names]
     if config.split_by not in (*needed, "auto", "instruction_input"):
         needed = None  # so the unknown-column error lists every column
-    row_splits = pa.array(table_splits((batch.to_pandas() for batch in table.iter_batches(batch_rows, columns=needed)),
-                                       config.split_by, config.val_fraction, config.test_fraction), pa.string())
-    batches = (batch.append_column("split", row_splits.slice(start, batch.num_rows)) for start, batch in
-               _with_offsets(table.iter_batches(batch_size=batch_rows)))
+    # a column named by split_by is not in the memo key: such splits are worked out again (cheap: no passages)
+    by_column = config.split_by not in ("auto", "instruction_input")
+    positions, parts = [], []
+    seen_in_memo = memo_lookup(None if by_column else memo)
+    for batch in table.iter_batches(batch_rows, columns=needed):
+        keys = row_keys(batch)
+        builtin = pc.starts_with(batch.column("source"), BUILTIN_SOURCE) if "source" in batch.schema.names \
+            else pa.array([False] * batch.num_rows)
+        where = seen_in_memo(keys)
+        if memo is not None and (where >= 0).any():  # the same text from the generator and a file splits apart
+            where[(where >= 0) & (memo.column("builtin").to_numpy(zero_copy_only=False)[np.maximum(where, 0)]
+                                  != builtin.to_numpy(zero_copy_only=False))] = -1
+        splits, passages = own_splits(batch.filter(pa.array(where < 0)).to_pandas(), config.split_by,
+                                      config.val_fraction, config.test_fraction)
+        fresh = pa.table({"own_split": pa.array(splits, pa.string()),
+                          "passage": pa.array([list(p) for p in passages], pa.list_(pa.binary(8)))})
+        parts.append({"key": keys, "builtin": builtin, **with_memo(where, memo, fresh, ["own_split", "passage"])})
+        positions.append(where)
+    columns = {name: pa.concat_arrays([part[name] for part in parts]) for name in parts[0]} if parts else {}
+    own = columns["own_split"].to_pylist() if parts else []
+    passages = _passages(columns["passage"]) if parts else []
+    return (joined_splits(own, passages, config.val_fraction, config.test_fraction),
+            np.concatenate(positions) if positions else np.zeros(0, np.int64), columns)
+
+
+def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000,
+                   runner: RunnerConfig | None = None, earlier: Path | None = None) -> dict[str, Any]:
+    """Render the validated rows in Arrow batches into data.parquet (and row_memo.parquet); give back counts per split.
+
+    A row in the memo of `earlier` (a template artifact of the same recipe) is not rendered again; the splits
+    are decided over the whole table again, so a new row joining an old passage moves its group as a full run would.
+    """
+    table = pq.ParquetFile(layout.data_file(validated), pre_buffer=False)
+    memo = layout.read_memo(earlier)
+    row_splits, positions, kept = _own_splits(table, config, memo, batch_rows)
+    row_splits = pa.array(row_splits, pa.string())
+    pending: deque[tuple[int, pa.RecordBatch]] = deque()
+
+    def unseen() -> Any:
+        start = 0
+        for batch in table.iter_batches(batch_size=batch_rows):
+            pending.append((start, batch))
+            fresh = pa.array(positions[start:start + batch.num_rows] < 0)
+            yield batch.append_column("split", row_splits.slice(start, batch.num_rows)).filter(fresh)
+            start += batch.num_rows
+
+    splits: dict[str, int] = {}
+    memo_out = MemoWriter(layout.memo_file(out), MEMO_SCHEMA)
     with pq.ParquetWriter(layout.data_file(out), TEMPLATED_SCHEMA) as writer:
-        for templated in map_batches(template_batch, batches, config, runner=runner, step="template"):
+        for rendered in map_batches(template_batch, unseen(), config, runner=runner, step="template"):
+            start, batch = pending.popleft()
+            where = positions[start:start + batch.num_rows]
+            columns = {**with_memo(where, memo, rendered, RENDERED),
+                       **{name: batch.column(name).cast(TEMPLATED_SCHEMA.field(name).type)
+                          for name in TEMPLATED_SCHEMA.names if name in batch.schema.names},
+                       "split": row_splits.slice(start, batch.num_rows)}
+            templated = pa.Table.from_arrays([columns[name] if name in columns else pa.array([""] * batch.num_rows)
+                                              for name in TEMPLATED_SCHEMA.names], schema=TEMPLATED_SCHEMA)
             writer.write_table(templated)
-            rows += templated.num_rows
+            memo_out.write(kept["key"].slice(start, batch.num_rows), {
+                **{name: kept[name].slice(start, batch.num_rows) for name in ("builtin", "own_split", "passage")},
+                **columns})
             for entry in templated.column("split").value_counts().to_pylist():
                 splits[entry["values"]] = splits.get(entry["values"], 0) + entry["counts"]
+    memo_out.close()
     parts = template_parts(config)
-    return {"rows": rows, "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "template": list(parts), "chat_template": chat_template_for(config, parts)}
+    return {"rows": int(len(positions)), "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "template": list(parts), "chat_template": chat_template_for(config, parts),
+            "rows_reused": int((positions >= 0).sum()),
+            "reused_from": earlier.name if earlier is not None and (positions >= 0).any() else None}
 
 
 @task(**step_task_options(STEP))
@@ -145,5 +215,6 @@ def template(config: dict[str, Any], root: str, validated: ArtifactRef, runner: 
              ) -> ArtifactRef:
     """Prefect task: the template artifact for this validated data; `runner` (where batches render) is not keyed."""
     ref, built = STEP.produce(config, root, [validated], lambda out, inputs: write_template(
-        TemplateConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
+        TemplateConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {}),
+        earlier=STEP.earlier(config, root, [validated])))
     return finish_step(root, ref, built)

@@ -35,10 +35,10 @@ from catalog.keys import sha256_text
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
+from data_checks import tokenized_suite as checks
 from data_checks.gate import GateFailed, raise_if_blocked, run_suites
-from data_checks.tokenized_suite import tokenized_rows_expectations, tokenized_summary_expectations
 from toolkit.conversations import CUTS, conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
-from toolkit.runner import map_batches
+from toolkit.token_memo import TokenMemo
 from toolkit.token_stats import publish_report, tokenize_figures
 from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 
@@ -223,11 +223,12 @@ def decide_packing(config: TokenizeConfig, templated: Path) -> tuple[bool, str]:
                      f"{config.min_packing_waste:.0%}): {'packed' if verdict else 'not packed'}")
 
 
-def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: RunnerConfig | None = None
-                   ) -> dict[str, Any]:
+def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: RunnerConfig | None = None,
+                   earlier: Path | None = None) -> dict[str, Any]:
     """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics.
 
     Tokenizing is row-local and runs on `runner`; statistics and packing stay here, batch after batch in order.
+    Rows in the memo of `earlier` (a tokenize artifact of the same recipe) are not tokenized again.
     """
     # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
     source = pq.ParquetFile(layout.data_file(templated), pre_buffer=False)
@@ -237,11 +238,12 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     counts = dict.fromkeys(("examples", "truncated", "zero_target", *CUTS), 0)  # taken before packing
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
+    memo = TokenMemo(earlier, out, TOKENIZED_SCHEMA)
     with pq.ParquetWriter(layout.data_file(out), schema) as writer:
-        batches = source.iter_batches(batch_size=config.batch_size,
-                                      columns=["id", "split", "category", "prompt", "completion"]
-                                      + [c for c in ("segments", "segment_kinds") if c in source.schema_arrow.names])
-        for tokenized, batch_cuts in map_batches(tokenize_counted, batches, config, runner=runner, step="tokenize"):
+        batches = source.iter_batches(batch_size=config.batch_size, columns=["id", "split", "category", "prompt",
+                                      "completion"] + [c for c in ("segments", "segment_kinds", "messages")
+                                                       if c in source.schema_arrow.names])
+        for tokenized, batch_cuts in memo.tokenized(batches, tokenize_counted, config, runner):
             for name, count in (*batch_cuts.items(), ("examples", tokenized.num_rows),
                                 ("truncated", np.sum(tokenized.column("truncated").to_numpy(zero_copy_only=False))),
                                 ("zero_target", (tokenized.column("n_target").to_numpy() == 0).sum())):
@@ -262,18 +264,20 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
                              "min_token_id": token_range[0], "max_token_id": token_range[1],
                              "min_label": token_range[2], "max_label": token_range[3]}
     stats["packing"], stats["packing_reason"] = bool(config.packing), packing_reason
+    stats["repeated_ids"] = int(written["id"].duplicated().sum())
     if config.packing:
         train = written[written["split"] == "train"]
         stats["packed_examples"] = state.get("examples", 0)
         stats["packing_efficiency"] = float(train["length"].sum()) / max(len(train) * config.max_length, 1)
     report = run_suites({
-        "tokenized_rows": (written, tokenized_rows_expectations(config.max_length)),
-        "tokenized_summary": (pd.DataFrame([stats]), tokenized_summary_expectations(
+        "tokenized_rows": (checks.rows_to_check(written, earlier),
+                           checks.tokenized_rows_expectations(config.max_length)),
+        "tokenized_summary": (pd.DataFrame([stats]), checks.tokenized_summary_expectations(
             GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows,
             config.max_target_tokens_lost_share)),
     }, out / layout.DATA_DOCS, set(config.warn_only))
     (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
-    return {**stats, "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
+    return {**stats, **memo.record(), "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
             "failure": report.failure_message() if report.blocking_failures else "",
             "warnings": [o.describe() for o in report.warnings]}
 
@@ -286,7 +290,8 @@ def tokenize(config: dict[str, Any], root: str, templated: ArtifactRef, runner: 
     `runner` says where the batches are tokenized; it is not part of the key (every runner writes the same bytes).
     """
     ref, built = STEP.produce(config, root, [templated], lambda out, inputs: write_tokenize(
-        TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {})))
+        TokenizeConfig(**config), inputs[0], out, runner=RunnerConfig(**runner or {}),
+        earlier=STEP.earlier(config, root, [templated])))
     publish_report(ref.manifest(), ref.uri)  # before the gate: a blocked run shows what was measured too
     raise_if_blocked(ref, TokenizeGateFailed, "tokenized data failed its checks")
     return finish_step(root, ref, built)

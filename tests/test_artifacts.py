@@ -102,3 +102,15 @@ def test_temp_folders_of_dead_writers_on_this_host_are_swept_and_live_ones_kept(
     removed = sweep_abandoned(tmp_path)
     assert sorted(p.name for p in removed) == sorted(list(folders)[:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(list(folders)[2:])
+
+
+def test_earlier_build_is_the_newest_intact_artifact_of_the_same_recipe_only(tmp_path):
+    step = _step(tmp_path)
+    root = str(tmp_path / "root")
+    first, _ = step.produce({"a": 1}, root, [], _build("night 1"))
+    second, _ = step.produce({"a": 1, "night": 2}, root, [], _build("night 2"))
+    assert step.earlier({"a": 1}, root, []) == first.path  # same config and code: its rows may be reused
+    assert step.earlier({"a": 2}, root, []) is None  # another config derives rows otherwise
+    assert step.earlier({"a": 1, "night": 2}, root, []) == second.path
+    (first.path / "data.txt").write_text("damaged")
+    assert step.earlier({"a": 1}, root, []) is None  # reused rows are read: the artifact must verify

@@ -171,7 +171,7 @@ def test_streamed_clean_equals_clean_in_one_batch_and_is_byte_identical_on_rerun
         assert stats["rows"] == len(kept) and sum(stats["dropped"].values()) == len(dropped)
         assert pd.read_parquet(out / "data.parquet").equals(kept)
         assert pd.read_parquet(out / "quarantine.parquet").astype(str).equals(dropped.astype(str))
-        assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "quarantine.parquet"]
+        assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "quarantine.parquet", "row_memo.parquet"]
         outputs.append([(out / name).read_bytes() for name in ("data.parquet", "quarantine.parquet")])
     assert outputs[0] == outputs[1]
 

@@ -176,22 +176,40 @@ class Duplicates:
 
     def add(self, frame: pd.DataFrame, reason: pd.Series) -> None:
         """Take in one batch of checked rows (from check_rows), in order."""
+        alive = (reason == "").to_numpy()
+        self.add_known(pa.array(frame["id"].tolist(), pa.string()), alive, *self.fingerprints(frame, alive))
+
+    def fingerprints(self, frame: pd.DataFrame, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Give back what the finder keeps of each row, which depends on the row alone: (its exact-text key, its
+        MinHash signature (zeros where not compared), whether it is compared for near duplicates)."""
         lowered = {field: frame[field].str.lower() for field in TEXT_FIELDS}
         exact = lowered["instruction"] + "\x1f" + lowered["input"] + "\x1f" + lowered["response"]
-        self.exact_keys.append(np.frombuffer(b"".join(
-            hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest() for text in exact), "V16"))
-        alive = (reason == "").to_numpy()
-        self.alive.append(alive)
-        self.ids.append(pa.array(frame["id"].tolist(), pa.string()))
+        exact_keys = np.frombuffer(b"".join(
+            hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest() for text in exact), "V16")
+        signatures = np.zeros((len(frame), self.config.near_duplicate_num_perm), np.uint32)
+        compared = np.zeros(len(frame), bool)
         if self.config.drop_near_duplicates and alive.any():
             texts = (lowered["instruction"] + " " + lowered["input"] + " " + lowered["response"])[alive]
             rows = np.flatnonzero(alive)
             # 3-grams of a few thousand rows at a time: their arrays, not the signatures, are what costs memory
             for start in range(0, len(rows), 5_000):
-                signatures, compared = signatures_of(texts.iloc[start:start + 5_000].tolist(), self.config)
-                self.chunks.append((self.rows + rows[start:start + 5_000][compared], signatures,
-                                    _band_keys(signatures, self.bands, self.band_rows)))
-        self.rows += len(frame)
+                chunk, chunk_compared = signatures_of(texts.iloc[start:start + 5_000].tolist(), self.config)
+                signatures[rows[start:start + 5_000][chunk_compared]] = chunk
+                compared[rows[start:start + 5_000][chunk_compared]] = True
+        return exact_keys, signatures, compared
+
+    def add_known(self, ids: pa.Array, alive: np.ndarray, exact_keys: np.ndarray, signatures: np.ndarray,
+                  compared: np.ndarray) -> None:
+        """Take in one batch of rows, in order, by their ids and fingerprints (as `fingerprints` gives them)."""
+        self.exact_keys.append(exact_keys)
+        self.alive.append(alive)
+        self.ids.append(ids.cast(pa.string()))
+        compared = compared & alive
+        if self.config.drop_near_duplicates and compared.any():
+            rows = np.flatnonzero(compared)
+            self.chunks.append((self.rows + rows, signatures[rows], _band_keys(signatures[rows], self.bands,
+                                                                               self.band_rows)))
+        self.rows += len(ids)
 
     def finish(self, responses_of: Callable[[np.ndarray], list[str]]) -> dict[int, tuple[str, str]]:
         """Give back {row: (reason, detail)} for the duplicate rows among those that passed every other check."""
@@ -227,3 +245,31 @@ class Duplicates:
             marks.update({row: ("near_duplicate", "near duplicate of " + name)
                           for row, name in zip(found, names, strict=True)})
         return marks
+
+
+FINGERPRINT_FIELDS = ("exact", "signature", "compared")
+
+
+def fingerprint_fields(num_perm: int) -> list[pa.Field]:
+    """Give back the Arrow fields a row memo keeps a row's fingerprints in (see Duplicates.fingerprints)."""
+    return [pa.field("exact", pa.binary(16)), pa.field("signature", pa.list_(pa.uint32(), num_perm)),
+            pa.field("compared", pa.bool_())]
+
+
+def fingerprint_columns(exact: np.ndarray, signatures: np.ndarray, compared: np.ndarray) -> dict[str, pa.Array]:
+    """Give back Duplicates.fingerprints' arrays as Arrow columns."""
+    return {"exact": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(exact), [None, pa.py_buffer(
+                exact.tobytes())]),
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel(), pa.uint32()),
+                                                           signatures.shape[1]),
+            "compared": pa.array(compared, pa.bool_())}
+
+
+def fingerprints_of(columns: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give back (exact keys, signatures, compared) from the Arrow columns fingerprint_columns made."""
+    exact = columns["exact"]
+    keys = np.frombuffer(exact.buffers()[1], "V16", count=len(exact), offset=exact.offset * 16)
+    signatures = columns["signature"]
+    width = signatures.type.list_size
+    matrix = signatures.flatten().to_numpy().reshape(len(signatures), width)
+    return keys, matrix, columns["compared"].to_numpy(zero_copy_only=False)

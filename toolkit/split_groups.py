@@ -116,9 +116,22 @@ def table_splits(frames: Iterable[pd.DataFrame], split_by: str, val_fraction: fl
     splits: list[str] = []  # each row's own; only a row's short split name is kept, not its (long) key
     passages: list[Passage] = []
     for frame in frames:
-        keys, frame_passages = row_groups(frame, split_by)
-        splits += [split_of(key, val_fraction, test_fraction) for key in keys]
+        frame_splits, frame_passages = own_splits(frame, split_by, val_fraction, test_fraction)
+        splits += frame_splits
         passages += frame_passages
+    return joined_splits(splits, passages, val_fraction, test_fraction)
+
+
+def own_splits(frame: pd.DataFrame, split_by: str, val_fraction: float, test_fraction: float
+               ) -> tuple[list[str], list[Passage]]:
+    """Give back each row's split by its own group key and its passage digests: what a row alone decides."""
+    keys, passages = row_groups(frame, split_by)
+    return [split_of(key, val_fraction, test_fraction) for key in keys], passages
+
+
+def joined_splits(splits: list[str], passages: list[Passage], val_fraction: float, test_fraction: float
+                  ) -> list[str]:
+    """Give back every row's split once rows sharing a passage are joined: a row with a passage takes its group's."""
     return [split if group is None else split_of(group, val_fraction, test_fraction)
             for split, group in zip(splits, join_passages(passages), strict=True)]
 

@@ -1,0 +1,95 @@
+"""Ingest's memo: each source file's rows, reused from the previous ingest artifact while the file's sha256 stays.
+
+A nightly folder grows by new files; an unchanged file gives the same rows (ids, sources, quarantined records) as
+before, so only new or changed files are read and parsed, and a file that is gone leaves nothing behind. The
+manifest lists every file read (`source_files`: its sha256 and where its rows and quarantined records sit in
+the artifact), which is how the next build finds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catalog import layout
+from catalog.store import sha256_file
+from toolkit.readers import resolve_files
+
+# (file label, the spec's position, the spec, quarantine list) -> the file's canonical rows
+FileReader = Callable[[str, int, list[dict[str, Any]]], pa.Table]
+
+
+def file_digest(path: Path) -> str:
+    """Give back a file's sha256, hashed once per process while its size and modification time stay."""
+    stat = os.stat(path)
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    # the key computed for the cache lookup, the one the step records and the per-file reuse all hash the same files
+    return sha256_file(Path(path))
+
+
+def rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Yield the rows of the tables, in order, as contiguous tables of `rows` rows (the last one shorter)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= rows:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, rows).combine_chunks()
+            pending, held = [joined.slice(rows)], held - rows
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+class SourceFiles:
+    """The files of the sources read whole, and what the previous ingest artifact of the same config holds of them."""
+
+    def __init__(self, earlier: Path | None, schema: pa.Schema):
+        self.files: list[dict[str, Any]] = []
+        self.rows_before = 0  # rows the artifact holds before the next file's: other sources' too
+        self.reused = 0
+        known = layout.read_manifest(earlier).get("source_files", []) if earlier is not None else []
+        self.known = {(entry["spec"], entry["file"], entry["sha256"]): entry for entry in known}
+        self.earlier, self.schema = earlier, schema
+
+    @functools.cached_property
+    def _earlier_tables(self) -> tuple[pa.Table, pa.Table]:
+        assert self.earlier is not None
+        return (pq.read_table(layout.data_file(self.earlier)).cast(self.schema),
+                pq.read_table(layout.quarantine_file(self.earlier)))
+
+    def tables(self, spec_number: int, source: str, read: FileReader, quarantine: list[dict[str, Any]]
+               ) -> Iterator[pa.Table]:
+        """Yield each file's rows of one source in file order, reused when the file is unchanged, else read."""
+        for path in resolve_files(source):
+            label, digest = str(path), file_digest(path)
+            known = self.known.get((spec_number, label, digest))
+            before = len(quarantine)
+            if known is None:
+                table = read(label, spec_number, quarantine)
+            else:
+                data, rejected = self._earlier_tables
+                table = data.slice(known["offset"], known["rows"])
+                quarantine += rejected.slice(known["quarantine_offset"], known["quarantined"]).to_pylist()
+                self.reused += table.num_rows
+            self.files.append({"spec": spec_number, "file": label, "sha256": digest, "offset": self.rows_before,
+                               "rows": table.num_rows, "quarantine_offset": before,
+                               "quarantined": len(quarantine) - before, "reused": known is not None})
+            self.rows_before += table.num_rows
+            yield table
+
+    def record(self) -> dict[str, Any]:
+        """Give back what the manifest keeps: every file read, and how many rows came from the earlier artifact."""
+        return {"source_files": self.files, "rows_reused": self.reused,
+                "reused_from": self.earlier.name if self.earlier is not None and self.reused else None}

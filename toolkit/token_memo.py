@@ -1,0 +1,95 @@
+"""Tokenize's memo: each templated row's token ids, so a rebuild on grown data tokenizes only the rows it has not seen.
+
+Kept per row key (toolkit/row_memo.py) for rows tokenized as one prompt and one completion: input ids, length,
+target count, truncation and target tokens lost. Their labels are not stored: such a row's labels are its input
+ids with the prompt part (all but the last n_target tokens) masked. A conversation can become several windows,
+so a batch holding one is tokenized whole, as a full build does; packing is redone from the rows either way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog import layout
+from catalog.sections import RunnerConfig
+from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
+from toolkit.runner import map_batches
+from toolkit.tokenizer import IGNORE_INDEX
+
+KEPT = ["input_ids", "length", "n_target", "truncated", "n_target_lost"]
+ROW = ["id", "split", "category"]  # what a tokenized row takes from its templated row, not from the memo
+
+
+def pair_labels(input_ids: pa.ListArray, n_target: np.ndarray) -> pa.ListArray:
+    """Give back the labels of rows tokenized as prompt + completion: -100 over the prompt, the ids over the rest."""
+    offsets = input_ids.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    flat = input_ids.values.to_numpy()[offsets[0]:offsets[-1]]
+    within = np.arange(len(flat)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    labels = np.where(within < np.repeat(lengths - n_target, lengths), IGNORE_INDEX, flat).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()), pa.array(labels, pa.int32()))
+
+
+def _has_conversations(batch: pa.RecordBatch) -> bool:
+    return "segments" in batch.schema.names and bool(pc.any(pc.greater(
+        pc.list_value_length(batch.column("segments")), 0)).as_py())
+
+
+class TokenMemo:
+    """The memo a tokenize build reads (`earlier`: a tokenize artifact of the same recipe) and the one it writes."""
+
+    def __init__(self, earlier: Path | None, out: Path, schema: pa.Schema):
+        self.earlier = earlier
+        self.memo = layout.read_memo(earlier)
+        self.positions = memo_lookup(self.memo)
+        self.schema = schema
+        self.writer = MemoWriter(layout.memo_file(out), pa.schema(
+            [pa.field(KEY, pa.string()), *(schema.field(name) for name in KEPT)]))
+        self.reused = 0
+
+    def tokenized(self, batches: Iterable[pa.RecordBatch], tokenize: Callable[..., tuple[pa.RecordBatch, Any]],
+                  config: Any, runner: RunnerConfig | None) -> Iterator[tuple[pa.RecordBatch, Any]]:
+        """Yield `tokenize(batch, config)` of each batch, in order: rows in the memo from it, the rest on `runner`."""
+        pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
+
+        def unseen() -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                keys = row_keys(batch)
+                whole = _has_conversations(batch)
+                positions = np.full(batch.num_rows, -1, np.int64) if whole else self.positions(keys)
+                pending.append((batch, keys, positions))
+                yield batch.filter(pa.array(positions < 0))
+
+        for fresh, cuts in map_batches(tokenize, unseen(), config, runner=runner, step="tokenize"):
+            batch, keys, positions = pending.popleft()
+            rows = fresh if (positions < 0).all() else self._merged(batch, positions, fresh)
+            pairs = pc.invert(pc.greater(pc.list_value_length(batch.column("segments")), 0)) \
+                if "segments" in batch.schema.names else pa.array(np.ones(batch.num_rows, bool))
+            # a batch's pair rows come first in its tokenized rows, in order (tokenize_counted)
+            paired = rows.slice(0, int(pc.sum(pairs).as_py() or 0))
+            self.writer.write(keys.filter(pairs), {name: paired.column(name) for name in KEPT})
+            self.reused += int((positions >= 0).sum())
+            yield rows, cuts
+        self.writer.close()
+
+    def _merged(self, batch: pa.RecordBatch, positions: np.ndarray, fresh: pa.RecordBatch) -> pa.RecordBatch:
+        assert self.memo is not None
+        seen = positions >= 0
+        known = self.memo.take(pa.array(positions[seen])).combine_chunks()
+        known = known.append_column("labels", pair_labels(known.column("input_ids").chunk(0),
+                                                          known.column("n_target").to_numpy()))
+        order = np.where(seen, np.cumsum(seen) - 1, -1)  # the seen rows' places in `known`
+        columns = with_memo(order, known, pa.Table.from_batches([fresh]), [*KEPT, "labels"])
+        return pa.RecordBatch.from_arrays([batch.column(name) if name in ROW else columns[name]
+                                           for name in self.schema.names], schema=self.schema)
+
+    def record(self) -> dict[str, Any]:
+        return {"rows_reused": self.reused,
+                "reused_from": self.earlier.name if self.earlier is not None and self.reused else None}
