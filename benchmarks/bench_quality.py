@@ -1,7 +1,7 @@
 """Model quality of the default run: `itune run` on a fresh artifact root, as a newcomer types it.
 
     python benchmarks/bench_quality.py            # writes the "Model quality" section of benchmarks/RESULTS.md
-    python benchmarks/bench_quality.py --only default
+    python benchmarks/bench_quality.py --only default   # the section then holds that run alone
 
 Runs the default command (first run, fresh root) and the same with `model.name=scratch:mini` at its own
 default budget, and records for each: the command, wall time (interpreter start and the local Prefect API
@@ -90,8 +90,7 @@ def main() -> None:
     runs = {name: run_once(overrides) for name, overrides in chosen.items()}
     text = section(runs)
     print(text)
-    if not args.only:
-        write_results(text)
+    write_results(text)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ holds is visible from the tokens alone, not only from where they stand. Measured
 model, 1,600 steps of a plain training loop, bf16): 98.6% held-out exact match with this spelling, 63% with the
 list spaced like the answer.
 
-Why digits and not words: on 2 CPU cores the default run trains for about three minutes, and in that budget a
+Why digits and not words: on 2 CPU cores the default run trains for about five minutes, and in that budget a
 4-layer, 128-wide GPT-2 from scratch learns rules over a ten-token alphabet but not copying over a vocabulary
 of dozens of words (upper-casing, reversing and looking up words stayed at 0-30% in 800 steps, and no better
 with five times the rows).
