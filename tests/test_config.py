@@ -8,7 +8,7 @@ def test_defaults_are_the_offline_quickstart():
     assert cfg.data.source == "builtin:tasks"
     assert cfg.model.name == "scratch:tiny-deep"
     assert cfg.artifacts.root == "itune-artifacts"
-    assert cfg.train.max_steps == 800
+    assert cfg.train.max_steps == 1200
 
 
 def test_quickstart_yaml_matches_the_built_in_defaults(tmp_path):
