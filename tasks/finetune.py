@@ -37,34 +37,12 @@ from toolkit.checkpoints import (
     rows_fingerprint,
     run_fingerprint,
 )
+from toolkit.compute_recipe import resolved_attention, resolved_precision
 from toolkit.init_weights import for_training
 from toolkit.lora import is_lora, save_adapter_and_merged, trainable_parameters, with_lora
 from toolkit.modeling import count_parameters, load_base_model, pad_batch, response_token_loss
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 from toolkit.train_progress import training_progress
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): where bf16 autocast pays."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolved_precision(train_config: TrainConfig, use_gpu: bool) -> str:
-    """Give back the precision training runs in: `train.precision`, with `auto` decided for this machine."""
-    import torch
-
-    if train_config.precision != "auto":
-        return train_config.precision
-    if use_gpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # Measured on a 2-core AVX512-BF16 CPU: the 50,257-wide LM head's products run 3.7x faster in bf16
-    # and a tiny GPT-2's optimizer step 1.5x faster; without native bf16, autocast only adds casts.
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, train_config: TrainConfig,
@@ -100,9 +78,11 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
 
     set_seed(train_config.seed)
     tokenizer = gpt2_tokenizer()
+    use_gpu = torch.cuda.is_available()
+    precision = resolved_precision(train_config, use_gpu)
+    attention = resolved_attention(model_config, precision, use_gpu, max(len(r["input_ids"]) for r in train_rows))
     model = load_base_model(model_config.name, model_config.init_seed, model_config.dropout,
-                            trust_remote_code=model_config.trust_remote_code,
-                            attn_implementation=model_config.attn_implementation,
+                            trust_remote_code=model_config.trust_remote_code, attn_implementation=attention,
                             hub_token_secret=model_config.hub_token_secret, position_init=model_config.position_init)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.eos_token_id
@@ -113,9 +93,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         model.base_model.compile()  # in place, so saved weights keep their plain names
     columns = ["input_ids", "labels"] + (["position_ids"] if train_rows and "position_ids" in train_rows[0] else [])
     dataset = Dataset.from_list([{**{c: r[c] for c in columns}, "length": len(r["input_ids"])} for r in train_rows])
-    use_gpu = torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    precision = resolved_precision(train_config, use_gpu)
     fingerprint = run_fingerprint(data_fingerprint or rows_fingerprint(train_rows), model_config, train_config,
                                   world_size)
     found = resumable_checkpoint(checkpoint_dir, fingerprint)
@@ -207,6 +185,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         "device": "cuda" if use_gpu else "cpu",
         "world_size": world_size,
         "precision": precision,
+        "attention": attention,
         "final_perplexity_train": math.exp(min(final_loss, 50)),
         "final_val_loss": val_losses[-1] if val_losses else None,
         "val_points": len(val_losses),
