@@ -126,6 +126,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
         activation_checkpointing=train_config.gradient_checkpointing,
         use_cpu=not use_gpu,
         ddp_backend="gloo" if world_size > 1 and not use_gpu else None,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient: no extra graph walk per step
         disable_tqdm=True,  # the one progress bar is toolkit/train_progress.py's
         **({} if precision == "fp32" else {precision: True}),
     )
