@@ -38,9 +38,14 @@ def rows_to_check(written: pd.DataFrame, earlier: Path | None) -> pd.DataFrame:
     split: a packed block's id names the rows packed in it, so an equal id is an equal block."""
     if earlier is None or not rows_passed_before(earlier, "tokenized_rows"):
         return written
-    before = layout.read_data(earlier, columns=["id", "split"]).to_pandas()
-    seen = set(before["id"] + "\x1f" + before["split"])
-    return written[~(written["id"] + "\x1f" + written["split"]).isin(seen)]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    before = layout.read_data(earlier, columns=["id", "split"])
+    before_keys = pc.binary_join_element_wise(before["id"], before["split"], "\x1f").combine_chunks()
+    seen = pc.is_in(pc.binary_join_element_wise(pa.array(written["id"], pa.string()),
+                                                pa.array(written["split"], pa.string()), "\x1f"), value_set=before_keys)
+    return written[~seen.to_numpy(zero_copy_only=False)]
 
 
 def tokenized_summary_expectations(vocab_size: int, max_truncated_share: float, min_train_rows: int,

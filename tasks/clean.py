@@ -27,6 +27,7 @@ from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
+from catalog.parquet_writer import EvenRowGroupWriter
 from catalog.sections import CleanConfig, RunnerConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -225,9 +226,8 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
                              *fingerprint_fields(config.near_duplicate_num_perm)])
     memo = layout.read_memo(earlier)
     seen_in_memo, staging, duplicates = memo_lookup(memo), out / ".checked.parquet", Duplicates(config)
-    memo_out = MemoWriter(layout.memo_file(out), memo_schema)
+    memo_out, reused = MemoWriter(layout.memo_file(out), memo_schema), 0
     pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
-    reused = 0
 
     def unseen() -> Any:
         for batch in source.iter_batches(batch_size=batch_rows):
@@ -257,8 +257,8 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     marked = np.array(sorted(marks), np.int64)
     kept, offset, dropped = 0, 0, {}
     staged = pq.ParquetFile(staging, pre_buffer=False)
-    with pq.ParquetWriter(layout.data_file(out), schema) as keep, \
-            pq.ParquetWriter(layout.quarantine_file(out), staged_schema) as drop:
+    with EvenRowGroupWriter(layout.data_file(out), schema) as keep, \
+            EvenRowGroupWriter(layout.quarantine_file(out), staged_schema) as drop:
         for batch in staged.iter_batches(batch_size=batch_rows):
             table = pa.Table.from_batches([batch])
             rows = marked[(marked >= offset) & (marked < offset + table.num_rows)].tolist()

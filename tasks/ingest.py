@@ -22,12 +22,12 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
 from catalog.keys import canonical_json, sha256_text
+from catalog.parquet_writer import EvenRowGroupWriter
 from catalog.sections import DataConfig, SourceSpec
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -168,7 +168,7 @@ def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlie
     per_source: list[dict[str, Any]] = []
     files = SourceFiles(earlier, DATA_SCHEMA)
     rows = 0
-    with pq.ParquetWriter(layout.data_file(out), DATA_SCHEMA) as writer:
+    with EvenRowGroupWriter(layout.data_file(out), DATA_SCHEMA) as writer:
         for batch in _ingest_batches(config, quarantine, per_source, batch_rows, files):
             writer.write_batch(batch)
             rows += batch.num_rows

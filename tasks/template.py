@@ -25,6 +25,7 @@ from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
+from catalog.parquet_writer import EvenRowGroupWriter
 from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -186,7 +187,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
 
     splits: dict[str, int] = {}
     memo_out = MemoWriter(layout.memo_file(out), MEMO_SCHEMA)
-    with pq.ParquetWriter(layout.data_file(out), TEMPLATED_SCHEMA) as writer:
+    with EvenRowGroupWriter(layout.data_file(out), TEMPLATED_SCHEMA) as writer:
         for rendered in map_batches(template_batch, unseen(), config, runner=runner, step="template"):
             start, batch = pending.popleft()
             where = positions[start:start + batch.num_rows]

@@ -32,6 +32,7 @@ from prefect import task
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
 from catalog.keys import sha256_text
+from catalog.parquet_writer import EvenRowGroupWriter
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -239,7 +240,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
     memo = TokenMemo(earlier, out, TOKENIZED_SCHEMA)
-    with pq.ParquetWriter(layout.data_file(out), schema) as writer:
+    with EvenRowGroupWriter(layout.data_file(out), schema) as writer:
         batches = source.iter_batches(batch_size=config.batch_size, columns=["id", "split", "category", "prompt",
                                       "completion"] + [c for c in ("segments", "segment_kinds", "messages")
                                                        if c in source.schema_arrow.names])

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog.parquet_writer import EvenRowGroupWriter
+
 KEY = "key"
 
 
@@ -71,10 +73,9 @@ class MemoWriter:
     """Writes a step's row memo batch by batch: each distinct key once, at its first row, in table order."""
 
     def __init__(self, path: Any, schema: pa.Schema):
-        import pyarrow.parquet as pq
 
         self.seen: set[str] = set()
-        self.writer = pq.ParquetWriter(path, schema)
+        self.writer = EvenRowGroupWriter(path, schema)
         self.schema = schema
 
     def write(self, keys: pa.Array, columns: dict[str, pa.Array]) -> None:

@@ -1,0 +1,57 @@
+"""Artifact Parquet files written in even row groups, whatever batches the step hands over.
+
+A step writes batch by batch; one row group per batch (a ParquetWriter's default) gave files of hundreds of
+small row groups, each paying its own encoding and statistics (on 200,000 rows about a third of template's
+and tokenize's time went to writing). Here every row group but the last holds ROWS_PER_GROUP rows, so the
+bytes of a file depend only on its rows, not on how they were batched: an incremental build and a full one
+write the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROWS_PER_GROUP = 65_536
+
+
+class EvenRowGroupWriter:
+    """A ParquetWriter (same options) that buffers rows and writes them in row groups of `rows_per_group`."""
+
+    def __init__(self, path: Path | str, schema: pa.Schema, rows_per_group: int = ROWS_PER_GROUP, **options: Any):
+        self.schema = schema
+        self.rows_per_group = rows_per_group
+        self._writer = pq.ParquetWriter(path, schema, **options)
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+
+    def write_table(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._pending.append(table)
+        self._rows += table.num_rows
+        while self._rows >= self.rows_per_group:
+            self._flush(self.rows_per_group)
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self.write_table(pa.Table.from_batches([batch]))
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._pending)
+        self._writer.write_table(table.slice(0, rows), row_group_size=rows)
+        rest = table.slice(rows)
+        self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self._rows:
+            self._flush(self._rows)
+        self._writer.close()
+
+    def __enter__(self) -> EvenRowGroupWriter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
