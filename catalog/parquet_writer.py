@@ -21,9 +21,9 @@ ROWS_PER_GROUP = 65_536
 class EvenRowGroupWriter:
     """A ParquetWriter (same options) that buffers rows and writes them in row groups of `rows_per_group`."""
 
-    def __init__(self, path: Path | str, schema: pa.Schema, rows_per_group: int = ROWS_PER_GROUP, **options: Any):
+    def __init__(self, path: Path | str, schema: pa.Schema, rows_per_group: int | None = None, **options: Any):
         self.schema = schema
-        self.rows_per_group = rows_per_group
+        self.rows_per_group = rows_per_group or ROWS_PER_GROUP
         self._writer = pq.ParquetWriter(path, schema, **options)
         self._pending: list[pa.Table] = []
         self._rows = 0
