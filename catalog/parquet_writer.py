@@ -1,10 +1,10 @@
 """Artifact Parquet files written in even row groups, whatever batches the step hands over.
 
-A step writes batch by batch; one row group per batch (a ParquetWriter's default) gave files of hundreds of
-small row groups, each paying its own encoding and statistics (on 200,000 rows about a third of template's
-and tokenize's time went to writing). Here every row group but the last holds ROWS_PER_GROUP rows, so the
-bytes of a file depend only on its rows, not on how they were batched: an incremental build and a full one
-write the same file.
+A step writes batch by batch; one row group per batch (a ParquetWriter's default) made a file's bytes depend on
+the batching, which an incremental build and a full one need not share. Here every row group but the last holds
+ROWS_PER_GROUP rows, so the bytes follow from the rows alone and both builds write the same file. Writing is a
+little cheaper too (template's 192,000 rows: 0.85 s against 1.07 s in 1,000-row groups); compression and
+encoding, not the row groups, are most of what writing costs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,18 +129,21 @@ class Step:
         return store.ref(self.name, key, manifest), True
 
 
+def _listed_manifests(store: ArtifactStore, step: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (key, manifest as written) for each artifact folder of `step` on this root whose manifest parses."""
+    folder = store.root / step
+    for listing in folder.glob(f"[!.]*/{MANIFEST}") if folder.is_dir() else []:
+        try:
+            yield listing.parent.name, json.loads(listing.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+
+
 def newest_manifest(store: ArtifactStore, step: str, other_than: str | None = None) -> dict[str, Any] | None:
     """Give back the manifest of the step's most recently built artifact on this root (read, not re-verified)."""
     newest: dict[str, Any] | None = None
-    folder = store.root / step
-    for listing in folder.glob(f"[!.]*/{MANIFEST}") if folder.is_dir() else []:
-        if listing.parent.name == other_than:
-            continue
-        try:
-            manifest = json.loads(listing.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if newest is None or str(manifest.get("created_at")) > str(newest.get("created_at")):
+    for key, manifest in _listed_manifests(store, step):
+        if key != other_than and (newest is None or str(manifest.get("created_at")) > str(newest.get("created_at"))):
             newest = manifest
     return newest
 
@@ -150,16 +153,9 @@ def earlier_build(store: ArtifactStore, step: str, recipe: str) -> Path | None:
 
     Read on this machine's root (a shared root's mirror): an artifact only the shared copy holds is not looked for.
     """
-    found: list[tuple[str, str]] = []
-    folder = store.root / step
-    for listing in folder.glob(f"[!.]*/{MANIFEST}") if folder.is_dir() else []:
-        try:
-            manifest = json.loads(listing.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if manifest.get("recipe") == recipe:
-            found.append((str(manifest.get("created_at")), listing.parent.name))
-    for _, key in sorted(found, reverse=True):
+    found = sorted(((str(manifest.get("created_at")), key) for key, manifest in _listed_manifests(store, step)
+                    if manifest.get("recipe") == recipe), reverse=True)
+    for _, key in found:
         if store.manifest(step, key) is not None:  # reused rows are read, so they must verify like any input
             return store.path(step, key)
     return None

@@ -80,7 +80,8 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     tokenizer = gpt2_tokenizer()
     use_gpu = torch.cuda.is_available()
     precision = resolved_precision(train_config, use_gpu)
-    attention = resolved_attention(model_config, precision, use_gpu, max(len(r["input_ids"]) for r in train_rows))
+    longest = max(len(r["input_ids"]) for r in train_rows)
+    attention = resolved_attention(model_config, precision, use_gpu, longest)
     model = load_base_model(model_config.name, model_config.init_seed, model_config.dropout,
                             trust_remote_code=model_config.trust_remote_code, attn_implementation=attention,
                             hub_token_secret=model_config.hub_token_secret, position_init=model_config.position_init)
@@ -147,7 +148,7 @@ def train_model(train_rows: list[dict[str, Any]], model_config: ModelConfig, tra
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
-        out_of_memory = out_of_memory_message(train_config, max(len(r["input_ids"]) for r in train_rows),
+        out_of_memory = out_of_memory_message(train_config, longest,
                                               "GPU" if use_gpu else "CPU", world_size)
     finally:
         progress.close()
