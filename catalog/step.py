@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -54,6 +55,9 @@ class Step:
     libraries: tuple[str, ...] = ()
     fingerprint: Callable[[dict[str, Any]], str] | None = field(default=None, compare=False)
     packages: tuple[str, ...] = PROJECT_PACKAGES  # whose imports are followed: this project's
+    # "module:function" called when the step is about to build (not when it is Cached), to start early what later
+    # steps will need. Named, not imported: it does not change what this step writes, so it is not in its code version
+    on_build: str | None = field(default=None, compare=False)
 
     @property
     def code(self) -> dict[str, dict[str, str]]:
@@ -107,6 +111,9 @@ class Step:
             return store.ref(self.name, key, existing), False
         if os.environ.get(FAULT_ENV) == self.name:
             raise InjectedFault(f"fault injected into '{self.name}' by {FAULT_ENV}={self.name} (a testing setting)")
+        if self.on_build is not None:
+            module, _, function = self.on_build.partition(":")
+            getattr(importlib.import_module(module), function)()
         input_dirs = [store.open(ref) for ref in inputs]
         reasons = Plan(self.name, key, False, planned).reasons(store)
         _log_to_run(f"building {self.name} {key}: " + "; ".join(reasons))

@@ -61,11 +61,28 @@ class ArtifactRef(BaseModel):
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Give back a file's sha256, hashed once per process while the file itself stays as it was.
+
+    A step publishes its files (hashing them) and the next step verifies them at once: hundreds of megabytes
+    hashed twice within seconds. A file is known here by device, inode, size, and modification and change times;
+    any write, link or touch moves the change time (which no one can set back), so a changed file is hashed
+    again, and a renamed folder's files (same inodes) are not.
+    """
+    stat = os.stat(path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if identity not in _DIGESTS:
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.clear()
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+        _DIGESTS[identity] = digest.hexdigest()
+    return _DIGESTS[identity]
+
+
+_DIGESTS: dict[tuple[int, ...], str] = {}
+_DIGESTS_KEPT = 100_000
 
 
 def local_folder(uri: str, step: str, key: str) -> Path:

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catalog import layout
-from data_checks.gate import rows_passed_before
+from data_checks.gate import GateReport, rows_passed_before, run_suites
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from catalog.sections import TokenizeConfig
 
 ROW_COLUMNS = ["id", "split", "category", "length", "n_target", "truncated"]
 
@@ -68,3 +70,19 @@ def tokenized_summary_expectations(vocab_size: int, max_truncated_share: float, 
         gxe.ExpectColumnValuesToBeBetween(column="val_rows", min_value=min_eval_rows),
         gxe.ExpectColumnValuesToBeBetween(column="test_rows", min_value=min_eval_rows),
     ]
+
+
+def check_tokenized(rows: pd.DataFrame, stats: dict[str, Any], config: TokenizeConfig, docs_dir: Path
+                    ) -> GateReport:
+    """Give back the gate report of the tokenize step: `rows` (those rows_to_check gave) through the row
+    expectations, `stats` (its figures, one row) through the summary ones; Data Docs go to `docs_dir`."""
+    import pandas as pd
+
+    from toolkit.tokenizer import GPT2_VOCAB_SIZE
+
+    return run_suites({
+        "tokenized_rows": (rows, tokenized_rows_expectations(config.max_length)),
+        "tokenized_summary": (pd.DataFrame([stats]), tokenized_summary_expectations(
+            GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows,
+            config.max_target_tokens_lost_share)),
+    }, docs_dir, set(config.warn_only))

@@ -198,7 +198,8 @@ def _mark_token_bounds(frame: pd.DataFrame, reason: pd.Series, mark: Any, config
          counts["response"].map(lambda n: f"{n} tokens < {least}"))
 
 
-STEP = Step("clean", __name__, libraries=("pyarrow", "numpy", "tokenizers", "py3langid"))
+STEP = Step("clean", __name__, libraries=("pyarrow", "numpy", "tokenizers", "py3langid"),
+            on_build="data_checks.gate_process:start")  # a build here: the gates build next, their worker starts
 
 
 def check_batch(batch: pa.RecordBatch, config: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

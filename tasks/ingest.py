@@ -30,11 +30,11 @@ from catalog.keys import canonical_json, sha256_text
 from catalog.parquet_writer import EvenRowGroupWriter
 from catalog.sections import DataConfig, SourceSpec
 from catalog.step import Step
-from catalog.store import ArtifactRef
+from catalog.store import ArtifactRef, sha256_file
 from toolkit import builtin_tasks
 from toolkit.formats import canonical_rows
 from toolkit.readers import HUB, IngestError, is_saved_dataset, read_records, record_streams, resolve_files
-from toolkit.source_files import SourceFiles, file_digest, rebatched
+from toolkit.source_files import SourceFiles, rebatched
 
 CANONICAL_COLUMNS = ["id", "instruction", "input", "response", "source", "category", "messages"]
 DATA_SCHEMA = pa.schema([(column, pa.string()) for column in CANONICAL_COLUMNS])
@@ -152,10 +152,11 @@ def _one_fingerprint(source: str) -> str:
             source.startswith(HUB) or is_saved_dataset(local)) else resolve_files(source)
     except IngestError:
         return "unresolved:" + source  # ingest itself reports the problem as a step failure
-    return sha256_text(canonical_json([[str(f), file_digest(f)] for f in files]))
+    return sha256_text(canonical_json([[str(f), sha256_file(f)] for f in files]))
 
 
-STEP = Step("ingest", __name__, libraries=("pyarrow", "pandas", "datasets"), fingerprint=source_fingerprint)
+STEP = Step("ingest", __name__, libraries=("pyarrow", "pandas", "datasets"), fingerprint=source_fingerprint,
+            on_build="data_checks.gate_process:start")  # a build here: the gates build next, their worker starts
 
 
 def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlier: Path | None = None

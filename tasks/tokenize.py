@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -36,8 +35,9 @@ from catalog.parquet_writer import EvenRowGroupWriter
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
+from data_checks import gate_process
 from data_checks import tokenized_suite as checks
-from data_checks.gate import GateFailed, raise_if_blocked, run_suites
+from data_checks.gate import GateFailed, raise_if_blocked
 from toolkit.conversations import CUTS, conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
 from toolkit.token_memo import TokenMemo
 from toolkit.token_stats import publish_report, tokenize_figures
@@ -270,13 +270,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
         train = written[written["split"] == "train"]
         stats["packed_examples"] = state.get("examples", 0)
         stats["packing_efficiency"] = float(train["length"].sum()) / max(len(train) * config.max_length, 1)
-    report = run_suites({
-        "tokenized_rows": (checks.rows_to_check(written, earlier),
-                           checks.tokenized_rows_expectations(config.max_length)),
-        "tokenized_summary": (pd.DataFrame([stats]), checks.tokenized_summary_expectations(
-            GPT2_VOCAB_SIZE, config.max_truncated_share, config.min_train_rows, config.min_eval_rows,
-            config.max_target_tokens_lost_share)),
-    }, out / layout.DATA_DOCS, set(config.warn_only))
+    report = gate_process.run(checks.check_tokenized, checks.rows_to_check(written, earlier), stats, config,
+                              out / layout.DATA_DOCS)
     (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
     return {**stats, **memo.record(), "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
             "failure": report.failure_message() if report.blocking_failures else "",

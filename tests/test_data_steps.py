@@ -6,11 +6,12 @@ import pandas as pd
 import pytest
 
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig, ValidateConfig
+from data_checks.clean_suite import check_clean_data
 from tasks.clean import normalize_text, write_clean
 from tasks.ingest import IngestError, write_ingest
 from tasks.template import apply_template
 from tasks.tokenize import fit_example, write_tokenize
-from tasks.validate import check_clean_data, write_validate
+from tasks.validate import write_validate
 from toolkit.split_groups import split_of
 from toolkit.tokenizer import IGNORE_INDEX, gpt2_tokenizer
 
@@ -153,7 +154,9 @@ def test_validate_checks_batch_by_batch_with_the_verdict_of_the_whole_table(tmp_
     ids[45] = "7"  # a duplicate id across batches: no single batch sees it
     pd.DataFrame({"id": ids, "instruction": instructions, "input": [""] * rows, "response": ["y"] * rows,
                   "source": ["s"] * rows, "category": ["c"] * rows}).to_parquet(clean / "data.parquet")
-    report = check_clean_data(clean / "data.parquet", {}, ValidateConfig(), tmp_path / "docs", rows_per_batch=10)
+    report, checked = check_clean_data(clean / "data.parquet", {}, ValidateConfig(), tmp_path / "docs",
+                                       rows_per_batch=10)
+    assert checked == rows
     failed = {(o.expectation, o.column): o.observed for o in report.blocking_failures}
     assert failed == {("expect_column_value_lengths_to_be_between", "instruction"): 2,
                       ("expect_column_values_to_be_unique", "id"): 2}

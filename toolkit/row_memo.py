@@ -73,9 +73,10 @@ class MemoWriter:
     """Writes a step's row memo batch by batch: each distinct key once, at its first row, in table order."""
 
     def __init__(self, path: Any, schema: pa.Schema):
-
         self.seen: set[str] = set()
-        self.writer = EvenRowGroupWriter(path, schema)
+        # uncompressed: a memo is read back whole by the next build only, and snappy made writing and reading it
+        # 3-6x slower (template's 194,000 rows: 0.45 s against 0.08 s to write) for a third less disk
+        self.writer = EvenRowGroupWriter(path, schema, compression="none")
         self.schema = schema
 
     def write(self, keys: pa.Array, columns: dict[str, pa.Array]) -> None:

@@ -9,7 +9,6 @@ the artifact), which is how the next build finds them.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,6 @@ from toolkit.readers import resolve_files
 
 # (file label, the spec's position, the spec, quarantine list) -> the file's canonical rows
 FileReader = Callable[[str, int, list[dict[str, Any]]], pa.Table]
-
-
-def file_digest(path: Path) -> str:
-    """Give back a file's sha256, hashed once per process while its size and modification time stay."""
-    stat = os.stat(path)
-    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    # the key computed for the cache lookup, the one the step records and the per-file reuse all hash the same files
-    return sha256_file(Path(path))
 
 
 def rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
@@ -73,7 +60,7 @@ class SourceFiles:
                ) -> Iterator[pa.Table]:
         """Yield each file's rows of one source in file order, reused when the file is unchanged, else read."""
         for path in resolve_files(source):
-            label, digest = str(path), file_digest(path)
+            label, digest = str(path), sha256_file(path)
             known = self.known.get((spec_number, label, digest))
             before = len(quarantine)
             if known is None:
