@@ -16,6 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROWS_PER_GROUP = 65_536
+# LZ4 rather than Parquet's default snappy: on the 200,000-row artifacts, writing took 0.34-0.77 s against
+# 0.48-0.87 s and reading 0.06-0.15 s against 0.15-0.42 s, for 4-6% more bytes (benchmarks/RESULTS.md)
+COMPRESSION = "lz4"
 
 
 class EvenRowGroupWriter:
@@ -24,7 +27,7 @@ class EvenRowGroupWriter:
     def __init__(self, path: Path | str, schema: pa.Schema, rows_per_group: int | None = None, **options: Any):
         self.schema = schema
         self.rows_per_group = rows_per_group or ROWS_PER_GROUP
-        self._writer = pq.ParquetWriter(path, schema, **options)
+        self._writer = pq.ParquetWriter(path, schema, **{"compression": COMPRESSION, **options})
         self._pending: list[pa.Table] = []
         self._rows = 0
 
