@@ -48,7 +48,7 @@ def artifact_files(root: Path, step: str, key: str) -> dict[str, str]:
     """Give back sha256 of every data file of an artifact (the manifest, with its build time, left out)."""
     folder = root / step / key
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*.parquet"))}
+            for path in sorted(folder.rglob("*.parquet")) if path.is_file()}
 
 
 def measure(rows: int, files: int, new_rows: int, scratch_too: bool = True) -> dict[str, Any]:

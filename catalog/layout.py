@@ -1,7 +1,8 @@
 """What each step's artifact holds, by name, and the readers other steps and commands use.
 
-Only this module spells an artifact's file names: a step writes `layout.data_file(out)` and a later
-step reads `layout.read_data(folder)`, so no step retypes another step's layout.
+Only this module spells an artifact's file names: a step writes `layout.data_path(out)` (through
+catalog.parquet_writer.DataParts) and a later step reads `layout.read_data(folder)` or `layout.data_batches(folder)`,
+so no step retypes another step's layout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Any
 
 from catalog.store import MANIFEST
 
-DATA = "data.parquet"  # the rows of ingest, clean, validate, template and tokenize
+# the rows of ingest, clean, validate, template and tokenize: a Parquet dataset folder of part files (Spark's
+# layout, which pandas and pyarrow read by this name); a single Parquet file by this name is read the same way
+DATA = "data.parquet"
+PART = "part-{:05d}.parquet"
 QUARANTINE = "quarantine.parquet"  # rows ingest or clean set aside, each with its reason
 GATE_REPORT = "report.json"  # validate's and tokenize's expectation outcomes
 DATA_DOCS = "data_docs"  # Great Expectations' Data Docs site
@@ -27,8 +31,41 @@ SAMPLES = "samples.parquet"
 ROW_MEMO = "row_memo.parquet"
 
 
-def data_file(folder: Path) -> Path:
+def data_path(folder: Path) -> Path:
     return Path(folder) / DATA
+
+
+def data_parts(folder: Path) -> list[Path]:
+    """Give back the Parquet files holding an artifact's rows, in row order."""
+    path = data_path(folder)
+    return [path] if path.is_file() else sorted(path.glob(PART.replace("{:05d}", "[0-9]" * 5)))
+
+
+def data_rows(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in data_parts(folder))
+
+
+class DataRows:
+    """An artifact's rows read part after part, through the two calls of pyarrow's ParquetFile the steps use."""
+
+    def __init__(self, folder: Path):
+        self.parts = data_parts(folder)
+
+    @property
+    def schema_arrow(self) -> Any:
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(self.parts[0])
+
+    def iter_batches(self, batch_size: int, columns: list[str] | None = None) -> Any:
+        """Yield the rows as Arrow record batches of at most `batch_size` rows (none spans two parts)."""
+        import pyarrow.parquet as pq
+
+        for part in self.parts:
+            # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed
+            yield from pq.ParquetFile(part, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def quarantine_file(folder: Path) -> Path:
@@ -53,17 +90,22 @@ def data_docs_index(folder: Path) -> Path:
     return Path(folder) / DATA_DOCS / "index.html"
 
 
-def read_data(folder: Path, columns: list[str] | None = None) -> Any:
-    """Give back an artifact's rows as a pyarrow Table (only `columns` when given)."""
+def read_data(folder: Path, columns: list[str] | None = None, filters: Any = None) -> Any:
+    """Give back an artifact's rows as a pyarrow Table (only `columns`, and rows meeting `filters`, when given)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(data_file(folder), columns=columns)
+    return pa.concat_tables([pq.read_table(part, columns=columns, filters=filters) for part in data_parts(folder)])
+
+
+def data_schema(folder: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(data_parts(folder)[0])
 
 
 def data_columns(folder: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return pq.read_schema(data_file(folder)).names
+    return data_schema(folder).names
 
 
 def values_at(path: Path, column: str, rows: Any) -> list[str]:

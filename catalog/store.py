@@ -68,8 +68,7 @@ def sha256_file(path: Path) -> str:
     any write, link or touch moves the change time (which no one can set back), so a changed file is hashed
     again, and a renamed folder's files (same inodes) are not.
     """
-    stat = os.stat(path)
-    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    identity = _identity(path)
     if identity not in _DIGESTS:
         if len(_DIGESTS) >= _DIGESTS_KEPT:
             _DIGESTS.clear()
@@ -83,6 +82,21 @@ def sha256_file(path: Path) -> str:
 
 _DIGESTS: dict[tuple[int, ...], str] = {}
 _DIGESTS_KEPT = 100_000
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def link_file(source: Path, target: Path) -> None:
+    """Hard-link `source` at `target` (copy it where links cannot be made), its sha256 kept: the same bytes."""
+    digest = sha256_file(source)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+    _DIGESTS[_identity(target)] = digest  # a link moves the change time of both names: one inode, known again
 
 
 def local_folder(uri: str, step: str, key: str) -> Path:

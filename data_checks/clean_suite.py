@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from catalog import layout
 from data_checks.gate import GateReport, run_suites
 from toolkit.row_memo import row_keys
 from toolkit.source_files import rebatched
@@ -71,51 +72,54 @@ def clean_summary_expectations(min_rows: int, max_quarantine_ratio: float, max_d
 ROWS_PER_CHECK = 200_000
 
 
-def _row_batches(data: Path, rows_per_batch: int, seen: pa.Array | None, counts: dict[str, int]
+def _row_batches(cleaned: Path, rows_per_batch: int, seen: pa.Array | None, counts: dict[str, int]
                  ) -> Iterator[pd.DataFrame]:
     """Yield the rows to check in frames: every row, or those whose key is not in `seen` (checked before)."""
-    parquet = pq.ParquetFile(data)
-    batches = parquet.iter_batches(batch_size=rows_per_batch) if seen is None else \
-        rebatched(_unseen_rows(parquet, seen), rows_per_batch)
+    rows = layout.DataRows(cleaned)
+    batches = rows.iter_batches(batch_size=rows_per_batch) if seen is None else \
+        rebatched(_unseen_rows(rows.parts, seen), rows_per_batch)
     for batch in batches:
         counts["checked"] += batch.num_rows
         if batch.num_rows:
             yield batch.to_pandas()
     if not counts["checked"]:  # still one run, so an empty artifact is checked (and fails min_rows)
-        yield parquet.schema_arrow.empty_table().to_pandas()
+        yield rows.schema_arrow.empty_table().to_pandas()
 
 
-def _unseen_rows(parquet: pq.ParquetFile, seen: pa.Array) -> Iterator[pa.Table]:
+def _unseen_rows(parts: list[Path], seen: pa.Array) -> Iterator[pa.Table]:
     """Yield, row group by row group, the rows whose key is not in `seen`: the key columns are read first, the
     whole row group only when it holds such a row (on a nightly run, the last groups only)."""
-    key_columns = [name for name in ("id", "messages") if name in parquet.schema_arrow.names]
-    for group in range(parquet.num_row_groups):
-        unseen = pc.invert(pc.is_in(row_keys(parquet.read_row_group(group, columns=key_columns)), value_set=seen))
-        if pc.any(unseen).as_py():
-            yield parquet.read_row_group(group).filter(unseen)
+    for part in parts:
+        parquet = pq.ParquetFile(part)
+        key_columns = [name for name in ("id", "messages") if name in parquet.schema_arrow.names]
+        for group in range(parquet.num_row_groups):
+            keys = row_keys(parquet.read_row_group(group, columns=key_columns))
+            unseen = pc.invert(pc.is_in(keys, value_set=seen))
+            if pc.any(unseen).as_py():
+                yield parquet.read_row_group(group).filter(unseen)
 
 
-def _mean_chars(data: Path, columns: list[str]) -> dict[str, float]:
+def _mean_chars(cleaned: Path, columns: list[str]) -> dict[str, float]:
     """Mean length in characters of each text column, summed batch by batch in one pass, no frame built."""
     totals, rows = dict.fromkeys(columns, 0), 0
-    for batch in pq.ParquetFile(data).iter_batches(columns=columns, batch_size=ROWS_PER_CHECK):
+    for batch in layout.DataRows(cleaned).iter_batches(batch_size=ROWS_PER_CHECK, columns=columns):
         for column in columns:
             totals[column] += pc.sum(pc.utf8_length(batch.column(column))).as_py() or 0
         rows += batch.num_rows
     return {column: total / rows if rows else 0.0 for column, total in totals.items()}
 
 
-def check_clean_data(data: Path, stats: dict[str, Any], config: ValidateConfig, docs_dir: Path,
+def check_clean_data(cleaned: Path, stats: dict[str, Any], config: ValidateConfig, docs_dir: Path,
                      rows_per_batch: int = ROWS_PER_CHECK, seen: pa.Array | None = None) -> tuple[GateReport, int]:
-    """Give back (the gate report for the clean rows in `data` (a Parquet file) plus the clean step's counts, how
-    many rows went through the row expectations).
+    """Give back (the gate report for the rows of the clean artifact folder `cleaned` plus the clean step's counts,
+    how many rows went through the row expectations).
 
     `seen`: keys of rows known to meet the row expectations; only the others go through them. Runs where
     data_checks.gate_process puts it: the arguments and the result cross to the worker by pickle.
     """
     counts = {"checked": 0}
-    rows = pq.ParquetFile(data).metadata.num_rows
-    means = _mean_chars(data, ["instruction", "response"])
+    rows = layout.data_rows(cleaned)
+    means = _mean_chars(cleaned, ["instruction", "response"])
     summary = pd.DataFrame([{
         "rows": rows, "quarantine_ratio": float(stats.get("quarantine_ratio", 0.0)),
         "duplicate_ratio": float(stats.get("duplicate_ratio", 0.0)),
@@ -123,10 +127,10 @@ def check_clean_data(data: Path, stats: dict[str, Any], config: ValidateConfig, 
     }])
     report = run_suites(
         {
-            "clean_rows": (_row_batches(data, rows_per_batch, seen, counts),
+            "clean_rows": (_row_batches(cleaned, rows_per_batch, seen, counts),
                            clean_rows_expectations(config.max_instruction_chars, config.max_response_chars,
-                                                   "messages" in pq.read_schema(data).names)),
-            "clean_ids": (pq.read_table(data, columns=["id"]).to_pandas(), clean_ids_expectations()),
+                                                   "messages" in layout.data_columns(cleaned))),
+            "clean_ids": (layout.read_data(cleaned, columns=["id"]).to_pandas(), clean_ids_expectations()),
             "clean_summary": (summary, clean_summary_expectations(
                 config.min_rows, config.max_quarantine_ratio, config.max_duplicate_ratio,
                 config.max_mean_instruction_chars, config.max_mean_response_chars)),

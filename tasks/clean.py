@@ -27,7 +27,7 @@ from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
-from catalog.parquet_writer import EvenRowGroupWriter
+from catalog.parquet_writer import DataParts, EvenRowGroupWriter
 from catalog.sections import CleanConfig, RunnerConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -217,8 +217,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     of `earlier` (a clean artifact of the same recipe) takes its checks and fingerprints from there; duplicates
     are decided over all rows again, so the result is that of checking every row.
     """
-    # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
-    source = pq.ParquetFile(layout.data_file(ingested), pre_buffer=False)
+    source = layout.DataRows(ingested)
     schema = source.schema_arrow.remove_metadata()
     staged_schema = schema.append(pa.field("reason", pa.string())).append(pa.field("detail", pa.string()))
     derived = [name for name in ("instruction", "input", "response", "messages", "reason", "detail")
@@ -258,7 +257,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     marked = np.array(sorted(marks), np.int64)
     kept, offset, dropped = 0, 0, {}
     staged = pq.ParquetFile(staging, pre_buffer=False)
-    with EvenRowGroupWriter(layout.data_file(out), schema) as keep, \
+    with DataParts(out, schema, earlier) as keep, \
             EvenRowGroupWriter(layout.quarantine_file(out), staged_schema) as drop:
         for batch in staged.iter_batches(batch_size=batch_rows):
             table = pa.Table.from_batches([batch])
@@ -288,6 +287,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
         "quarantined_upstream": upstream,
         "quarantine_ratio": (removed + upstream) / total if total else 0.0,
         "rows_reused": reused, "reused_from": earlier.name if earlier is not None and reused else None,
+        "parts": keep.parts, "parts_linked": keep.linked,
     }
 
 

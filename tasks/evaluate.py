@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.parquet as pq
 from prefect import task
 
 from catalog import layout
@@ -184,10 +183,10 @@ def write_evaluate(config: EvalConfig, templated: Path, tokenized: Path, finetun
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar between the step's log lines
     finetune_manifest = layout.read_manifest(finetuned)
     model_config = layout.trained_model_config(finetuned)
-    tokens = pq.read_table(layout.data_file(tokenized), columns=["split", "input_ids", "labels"]).to_pandas()
+    tokens = layout.read_data(tokenized, columns=["split", "input_ids", "labels"]).to_pandas()
     tokens = tokens[tokens["split"] != "train"]
-    prompts = pd.read_parquet(layout.data_file(templated), columns=["split", "category", "response",
-                                                                     "instruction", "input", "messages"])
+    prompts = layout.read_data(templated, columns=["split", "category", "response", "instruction", "input",
+                                                   "messages"]).to_pandas()
     prompts["category"] = prompts["category"].fillna("").astype(str)
     test = prompts[prompts["split"] == "test"].head(config.max_examples).reset_index(drop=True)
     test.insert(2, "prompt", folder_prompts(layout.model_dir(finetuned), test))

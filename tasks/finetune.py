@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from prefect import task
 
 from catalog import layout
@@ -208,9 +207,9 @@ def write_finetune(config: dict[str, Any], tokenized: Path, out: Path, logger: l
     """Train on the train split of a tokenize artifact; give back the figures for the manifest."""
     tokenized, out = Path(tokenized), Path(out)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    names = pq.read_schema(layout.data_file(tokenized)).names
+    names = layout.data_columns(tokenized)
     columns = ["split", "input_ids", "labels"] + (["position_ids"] if "position_ids" in names else [])
-    table = pq.read_table(layout.data_file(tokenized), columns=columns).to_pylist()
+    table = layout.read_data(tokenized, columns=columns).to_pylist()
     rows = [r for r in table if r["split"] == "train"]
     val_rows = [r for r in table if r["split"] == "val"]
     if not rows:

@@ -27,7 +27,7 @@ from prefect import task
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
 from catalog.keys import canonical_json, sha256_text
-from catalog.parquet_writer import EvenRowGroupWriter
+from catalog.parquet_writer import DataParts
 from catalog.sections import DataConfig, SourceSpec
 from catalog.step import Step
 from catalog.store import ArtifactRef, sha256_file
@@ -163,13 +163,14 @@ def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlie
                  ) -> dict[str, Any]:
     """Write data.parquet (streamed in Arrow batches) and quarantine.parquet; give back the manifest's row counts.
 
-    `earlier`: an ingest artifact of the same config, whose rows of files unchanged since are reused.
+    `earlier`: an ingest artifact of the same config, whose rows of files unchanged since are reused (and whose
+    data parts are linked where they hold the same rows).
     """
     quarantine: list[dict[str, Any]] = []
     per_source: list[dict[str, Any]] = []
     files = SourceFiles(earlier, DATA_SCHEMA)
     rows = 0
-    with EvenRowGroupWriter(layout.data_file(out), DATA_SCHEMA) as writer:
+    with DataParts(out, DATA_SCHEMA, earlier) as writer:
         for batch in _ingest_batches(config, quarantine, per_source, batch_rows, files):
             writer.write_batch(batch)
             rows += batch.num_rows
@@ -182,7 +183,7 @@ def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlie
         raise IngestError(f"{config.source if not config.sources else 'data.sources'}: no usable rows "
                           f"({len(rejected)} quarantined{first})")
     rejected.to_parquet(layout.quarantine_file(out), index=False)
-    return {"rows": rows, "quarantined": len(rejected),
+    return {"rows": rows, "quarantined": len(rejected), "parts": writer.parts, "parts_linked": writer.linked,
             "quarantined_by_code": rejected["code"].value_counts().to_dict(), "sources": per_source,
             **files.record()}
 

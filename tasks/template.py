@@ -20,12 +20,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
-from catalog.parquet_writer import EvenRowGroupWriter
+from catalog.parquet_writer import DataParts
 from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -131,7 +130,7 @@ def _passages(column: pa.ListArray) -> list[tuple[bytes, ...]]:
     return passages
 
 
-def _own_splits(table: pq.ParquetFile, config: TemplateConfig, memo: pa.Table | None, batch_rows: int
+def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table | None, batch_rows: int
                 ) -> tuple[list[str], np.ndarray, dict[str, pa.Array]]:
     """Give back (every row's split over the whole table, each row's memo position, what the memo keeps of a row
     for the split): a row seen before takes its own split and passage from the memo, the rest are worked out."""
@@ -171,7 +170,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     A row in the memo of `earlier` (a template artifact of the same recipe) is not rendered again; the splits
     are decided over the whole table again, so a new row joining an old passage moves its group as a full run would.
     """
-    table = pq.ParquetFile(layout.data_file(validated), pre_buffer=False)
+    table = layout.DataRows(validated)
     memo = layout.read_memo(earlier)
     row_splits, positions, kept = _own_splits(table, config, memo, batch_rows)
     row_splits = pa.array(row_splits, pa.string())
@@ -187,7 +186,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
 
     splits: dict[str, int] = {}
     memo_out = MemoWriter(layout.memo_file(out), MEMO_SCHEMA)
-    with EvenRowGroupWriter(layout.data_file(out), TEMPLATED_SCHEMA) as writer:
+    with DataParts(out, TEMPLATED_SCHEMA, earlier) as writer:
         for rendered in map_batches(template_batch, unseen(), config, runner=runner, step="template"):
             start, batch = pending.popleft()
             where = positions[start:start + batch.num_rows]
@@ -207,7 +206,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     parts = template_parts(config)
     return {"rows": int(len(positions)), "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),
             "template": list(parts), "chat_template": chat_template_for(config, parts),
-            "rows_reused": int((positions >= 0).sum()),
+            "rows_reused": int((positions >= 0).sum()), "parts": writer.parts, "parts_linked": writer.linked,
             "reused_from": earlier.name if earlier is not None and (positions >= 0).any() else None}
 
 

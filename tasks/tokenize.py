@@ -25,13 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
 from catalog.keys import sha256_text
-from catalog.parquet_writer import EvenRowGroupWriter
+from catalog.parquet_writer import DataParts
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -211,8 +210,7 @@ def decide_packing(config: TokenizeConfig, templated: Path) -> tuple[bool, str]:
     """
     if config.packing != "auto":
         return bool(config.packing), f"tokenize.packing={str(config.packing).lower()}"
-    table = pq.read_table(layout.data_file(templated), columns=["split", "prompt", "completion"],
-                          filters=[("split", "=", "train")])
+    table = layout.read_data(templated, columns=["split", "prompt", "completion"], filters=[("split", "=", "train")])
     if table.num_rows == 0:
         return False, "auto: no train rows"
     chars = pc.add(pc.utf8_length(table["prompt"]), pc.utf8_length(table["completion"])).to_numpy()
@@ -231,8 +229,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     Tokenizing is row-local and runs on `runner`; statistics and packing stay here, batch after batch in order.
     Rows in the memo of `earlier` (a tokenize artifact of the same recipe) are not tokenized again.
     """
-    # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed (all of it, by the end)
-    source = pq.ParquetFile(layout.data_file(templated), pre_buffer=False)
+    source = layout.DataRows(templated)
     packing, packing_reason = decide_packing(config, templated)
     config = config.model_copy(update={"packing": packing})
     schema = PACKED_SCHEMA if config.packing else TOKENIZED_SCHEMA
@@ -240,7 +237,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
     memo = TokenMemo(earlier, out, TOKENIZED_SCHEMA)
-    with EvenRowGroupWriter(layout.data_file(out), schema) as writer:
+    with DataParts(out, schema, earlier) as writer:
         batches = source.iter_batches(batch_size=config.batch_size, columns=["id", "split", "category", "prompt",
                                       "completion"] + [c for c in ("segments", "segment_kinds", "messages")
                                                        if c in source.schema_arrow.names])
@@ -259,8 +256,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
             writer.write_batch(tokenized)
         if state.get("carry") is not None and state["carry"].num_rows:
             writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
-    written = pq.read_table(layout.data_file(out), columns=["id", "split", "category", "length", "n_target",
-                                                           "truncated", "n_target_lost"]).to_pandas()
+    written = layout.read_data(out, columns=["id", "split", "category", "length", "n_target", "truncated",
+                                             "n_target_lost"]).to_pandas()
     stats: dict[str, Any] = {**tokenize_figures(written, counts, config),
                              "min_token_id": token_range[0], "max_token_id": token_range[1],
                              "min_label": token_range[2], "max_label": token_range[3]}
@@ -273,7 +270,8 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     report = gate_process.run(checks.check_tokenized, checks.rows_to_check(written, earlier), stats, config,
                               out / layout.DATA_DOCS)
     (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
-    return {**stats, **memo.record(), "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
+    return {**stats, **memo.record(), "parts": writer.parts, "parts_linked": writer.linked,
+            "passed": not report.blocking_failures, "data_docs": "data_docs/index.html",
             "failure": report.failure_message() if report.blocking_failures else "",
             "warnings": [o.describe() for o in report.warnings]}
 

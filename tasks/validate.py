@@ -7,16 +7,14 @@ passed or not, so a failed gate can be inspected; a blocking failure then stops 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
+from catalog.parquet_writer import link_data
 from catalog.sections import ValidateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -40,18 +38,15 @@ def write_validate(config: ValidateConfig, cleaned: Path, out: Path, earlier: Pa
     did not hold go through them; the table-wide expectations see the whole table, so the verdict is a full run's.
     """
     stats = layout.read_manifest(cleaned)
-    seen = row_keys(pq.read_table(layout.data_file(earlier), columns=[
+    seen = row_keys(layout.read_data(earlier, columns=[
         name for name in ("id", "messages") if name in layout.data_columns(earlier)])) \
         if earlier is not None and rows_passed_before(earlier, "clean_rows") else None
-    report, checked = gate_process.run(check_clean_data, layout.data_file(cleaned), stats, config,
+    report, checked = gate_process.run(check_clean_data, cleaned, stats, config,
                                        out / layout.DATA_DOCS, seen=seen)
-    try:
-        os.link(layout.data_file(cleaned), layout.data_file(out))  # same bytes; a link saves the copy
-    except OSError:
-        shutil.copyfile(layout.data_file(cleaned), layout.data_file(out))
+    link_data(cleaned, out)  # the same rows; links save the copy
     (out / layout.GATE_REPORT).write_text(json.dumps(report.as_records(), indent=2), encoding="utf-8")
     return {
-        "rows": pq.ParquetFile(layout.data_file(out)).metadata.num_rows,
+        "rows": layout.data_rows(out),
         "passed": not report.blocking_failures,
         "failure": report.failure_message() if report.blocking_failures else "",
         "data_docs": "data_docs/index.html",

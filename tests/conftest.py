@@ -82,7 +82,7 @@ def clean_frames(tmp_path):
 
     def run(frame, config, **options):
         ingested = _folder(tmp_path, "ingest")
-        frame.to_parquet(layout.data_file(ingested), index=False)
+        frame.to_parquet(layout.data_path(ingested), index=False)
         pd.DataFrame(columns=QUARANTINE_COLUMNS).to_parquet(layout.quarantine_file(ingested))
         out = _folder(tmp_path, "clean")
         write_clean(config, ingested, out, **options)

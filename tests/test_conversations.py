@@ -141,7 +141,7 @@ def test_tokenize_manifest_and_report_count_the_conversations_cut_their_windows_
     templated.mkdir()
     out.mkdir()
     pq.write_table(pa.Table.from_pandas(apply_template(frame, TemplateConfig(name="chat")), TEMPLATED_SCHEMA,
-                                        preserve_index=False), layout.data_file(templated))
+                                        preserve_index=False), layout.data_path(templated))
     stats = write_tokenize(TokenizeConfig(max_length=64, long_conversations=mode, packing=False), templated, out)
     assert (stats["conversations_cut"], stats["conversation_windows"], stats["assistant_turns_dropped"]) == (
         1, windows, dropped)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from catalog import layout
 from catalog.config import CleanConfig, DataConfig, TemplateConfig, TokenizeConfig
 from tasks.clean import normalize_text, token_count_bounds, token_counts, write_clean
 from tasks.ingest import write_ingest
@@ -172,7 +173,7 @@ def test_streamed_clean_equals_clean_in_one_batch_and_is_byte_identical_on_rerun
         assert pd.read_parquet(out / "data.parquet").equals(kept)
         assert pd.read_parquet(out / "quarantine.parquet").astype(str).equals(dropped.astype(str))
         assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "quarantine.parquet", "row_memo.parquet"]
-        outputs.append([(out / name).read_bytes() for name in ("data.parquet", "quarantine.parquet")])
+        outputs.append([part.read_bytes() for part in [*layout.data_parts(out), out / "quarantine.parquet"]])
     assert outputs[0] == outputs[1]
 
 
@@ -203,10 +204,11 @@ def test_ingest_writes_parquet_in_batches_with_the_canonical_schema(tmp_path, mo
     out.mkdir()
     stats = write_ingest(DataConfig(source=str(path)), out)
     assert (stats["rows"], stats["quarantined"]) == (25_000, 1)
-    data = pq.ParquetFile(out / "data.parquet")
-    # written as it streams, in even row groups, not held as one frame
-    assert [data.metadata.row_group(i).num_rows for i in range(data.metadata.num_row_groups)] == [10_000, 10_000, 5_000]
-    assert data.schema_arrow.names == ["id", "instruction", "input", "response", "source", "category", "messages"]
+    parts = [pq.ParquetFile(part) for part in layout.data_parts(out)]
+    # written as it streams, in even parts of one row group each, not held as one frame
+    assert [(part.metadata.num_rows, part.metadata.num_row_groups) for part in parts] == [(10_000, 1), (10_000, 1),
+                                                                                          (5_000, 1)]
+    assert parts[0].schema_arrow.names == ["id", "instruction", "input", "response", "source", "category", "messages"]
     assert pd.read_parquet(out / "quarantine.parquet")["row"].tolist() == ["25001"]
 
 

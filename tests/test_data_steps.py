@@ -154,8 +154,7 @@ def test_validate_checks_batch_by_batch_with_the_verdict_of_the_whole_table(tmp_
     ids[45] = "7"  # a duplicate id across batches: no single batch sees it
     pd.DataFrame({"id": ids, "instruction": instructions, "input": [""] * rows, "response": ["y"] * rows,
                   "source": ["s"] * rows, "category": ["c"] * rows}).to_parquet(clean / "data.parquet")
-    report, checked = check_clean_data(clean / "data.parquet", {}, ValidateConfig(), tmp_path / "docs",
-                                       rows_per_batch=10)
+    report, checked = check_clean_data(clean, {}, ValidateConfig(), tmp_path / "docs", rows_per_batch=10)
     assert checked == rows
     failed = {(o.expectation, o.column): o.observed for o in report.blocking_failures}
     assert failed == {("expect_column_value_lengths_to_be_between", "instruction"): 2,

@@ -1,11 +1,13 @@
 """Faults on disk and at random moments: corrupted artifacts are rebuilt, a fine-tune killed anywhere resumes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from benchmarks.bench_faults import artifact_problems, cli_env, intact, run_trials
+from catalog import layout
 from catalog.config import STEPS, load_config
 from catalog.store import MANIFEST, ArtifactStore
 from commands.running import run_pipeline
@@ -27,17 +29,25 @@ def built(tmp_path_factory) -> tuple[list[str], dict]:
     return overrides, first
 
 
+def _data_file(folder: Path) -> Path:
+    return layout.data_parts(folder)[0]
+
+
 def _truncate(folder: Path) -> None:
-    data = folder / "data.parquet"
+    data = _data_file(folder)
     with open(data, "r+b") as handle:
         handle.truncate(data.stat().st_size // 2)
 
 
 def _flip(folder: Path) -> None:
-    data = folder / "data.parquet"
+    data = _data_file(folder)
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, footer intact: Parquet may well read it without complaint
     data.write_bytes(bytes(raw))
+
+
+def _data_name(folder: Path) -> str:
+    return _data_file(folder).relative_to(folder).as_posix()
 
 
 def _tear_manifest(folder: Path) -> None:
@@ -48,7 +58,7 @@ def _tear_manifest(folder: Path) -> None:
 DAMAGES = {
     "truncated parquet": _truncate,
     "flipped byte": _flip,
-    "manifest without data": lambda folder: (folder / "data.parquet").unlink(),
+    "manifest without data": lambda folder: shutil.rmtree(layout.data_path(folder)),
     "data without manifest": lambda folder: (folder / MANIFEST).unlink(),
     "torn manifest": _tear_manifest,
 }
@@ -60,7 +70,7 @@ def test_corrupted_artifact_is_rebuilt_and_its_reader_gets_the_rebuilt_data(buil
     template, tokenize = (Path(first["steps"][step]["artifact"]) for step in ("template", "tokenize"))
     store = ArtifactStore(template.parent.parent)
     # The data file's hash: tokenize's Data Docs carry a timestamp, so only the data is the same on every build.
-    original = {step: store.manifest(step, folder.name)["files"]["data.parquet"]
+    original = {step: store.manifest(step, folder.name)["files"][_data_name(folder)]
                 for step, folder in (("template", template), ("tokenize", tokenize))}
     DAMAGES[damage](template)
     assert store.manifest("template", template.name) is None
@@ -73,7 +83,7 @@ def test_corrupted_artifact_is_rebuilt_and_its_reader_gets_the_rebuilt_data(buil
     for step, folder in (("template", template), ("tokenize", tokenize)):
         assert again["steps"][step]["artifact"] == str(folder)  # the same content key, rebuilt in place
         manifest = store.manifest(step, folder.name)
-        assert manifest is not None and manifest["files"]["data.parquet"] == original[step]
+        assert manifest is not None and manifest["files"][_data_name(folder)] == original[step]
     assert artifact_problems(store.root) == [] and intact(store.root) == dict.fromkeys(STEPS[:5], 1)
 
 

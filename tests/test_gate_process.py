@@ -30,14 +30,16 @@ def test_checks_run_in_the_worker_match_checks_run_here(tmp_path):
     rows = 40
     instructions = ["x"] * rows
     instructions[5] = "z" * 5000  # one row over max_instruction_chars: a blocking failure either way
-    data = tmp_path / "data.parquet"
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    data = clean / "data.parquet"
     pd.DataFrame({"id": [str(i) for i in range(rows)], "instruction": instructions, "input": [""] * rows,
                   "response": ["y"] * rows, "source": ["s"] * rows, "category": ["c"] * rows}).to_parquet(data)
-    done = subprocess.run([sys.executable, "-c", WORKER_RUN, str(data), str(tmp_path / "docs-worker")], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", WORKER_RUN, str(clean), str(tmp_path / "docs-worker")], cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     worker = json.loads(done.stdout.strip().splitlines()[-1])
-    here, checked = check_clean_data(data, {}, ValidateConfig(), tmp_path / "docs-here")
+    here, checked = check_clean_data(clean, {}, ValidateConfig(), tmp_path / "docs-here")
     assert worker["imported_here"] is False  # the checks ran in the worker: this process never imported GE
     assert worker["checked"] == checked == rows
     assert worker["blocking"] == len(here.blocking_failures) == 1

@@ -37,17 +37,26 @@ def _run(folder: Path, root: Path) -> dict:
 
 
 def _parquet_digests(summary: dict) -> dict[str, dict[str, str]]:
-    return {step: {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-                   for path in sorted(Path(summary["steps"][step]["artifact"]).glob("*.parquet"))}
-            for step in DATA_STEPS}
+    folders = {step: Path(summary["steps"][step]["artifact"]) for step in DATA_STEPS}
+    return {step: {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+                   for path in sorted(folder.rglob("*.parquet")) if path.is_file()}
+            for step, folder in folders.items()}
 
 
 def _manifest(summary: dict, step: str) -> dict:
     return json.loads((Path(summary["steps"][step]["artifact"]) / "manifest.json").read_text())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def small_parts():
+    """Parts of 64 rows, so the data of 180 rows spans several and a grown folder can reuse the leading ones."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("catalog.parquet_writer.ROWS_PER_GROUP", 64)
+        yield
+
+
 @pytest.fixture(scope="module")
-def first_night(tmp_path_factory):
+def first_night(tmp_path_factory, small_parts):
     """A folder of three files run to tokenize once: (folder, root) to copy for each change."""
     base = tmp_path_factory.mktemp("night")
     folder = base / "source"
@@ -103,6 +112,11 @@ def test_incremental_run_equals_a_full_run_byte_for_byte(night, tmp_path, change
     assert _manifest(full, "clean")["rows_reused"] == 0
     assert _manifest(incremental, "clean")["rows_reused"] > 100
     assert _manifest(incremental, "tokenize")["rows_reused"] > 100
+    assert _parquet_digests(incremental)["tokenize"]["data.parquet/part-00001.parquet"]  # more than one part
+    if change == "added_file":  # the new rows come last: the parts before theirs are linked, not written again
+        for step in ("ingest", "clean", "template", "tokenize"):
+            manifest = _manifest(incremental, step)
+            assert 1 <= manifest["parts_linked"] < manifest["parts"], step
     if change == "near_duplicate_of_an_old_row":
         dropped = pd.read_parquet(Path(incremental["steps"]["clean"]["artifact"]) / "quarantine.parquet")
         assert f"{folder / 'part-2.jsonl'}:4" in set(dropped.loc[dropped["reason"] == "near_duplicate", "source"])

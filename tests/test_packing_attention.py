@@ -63,7 +63,7 @@ def _templated(folder, completions):
 
     folder.mkdir()
     rows = [{"split": "train", "prompt": "Instruction: answer.\nResponse:", "completion": text} for text in completions]
-    pq.write_table(pa.Table.from_pylist(rows), layout.data_file(folder))
+    pq.write_table(pa.Table.from_pylist(rows), layout.data_path(folder))
     return folder
 
 

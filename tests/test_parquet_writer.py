@@ -1,9 +1,14 @@
-"""Artifact files hold even row groups: their bytes follow from their rows, not from how a step batched them."""
+"""Artifact files hold even row groups: their bytes follow from their rows, not from how a step batched them;
+an artifact's data parts equal to an earlier build's are linked from it."""
+
+import hashlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.parquet_writer import EvenRowGroupWriter
+from catalog import layout
+from catalog.parquet_writer import DataParts, EvenRowGroupWriter
+from catalog.store import sha256_file
 
 
 def _write(path, table, batch_rows):
@@ -21,3 +26,38 @@ def test_the_same_rows_batched_differently_give_the_same_file(tmp_path):
     groups = pq.ParquetFile(tmp_path / "a.parquet").metadata
     assert [groups.row_group(i).num_rows for i in range(groups.num_row_groups)] == [1000, 1000, 500]
     assert pq.read_table(tmp_path / "a.parquet").equals(table)
+
+
+def _parts(out, table, earlier=None):
+    out.mkdir()
+    with DataParts(out, table.schema, earlier, rows_per_part=1000) as writer:
+        for batch in table.to_batches(max_chunksize=333):
+            writer.write_batch(batch)
+    return writer, layout.data_parts(out)
+
+
+def test_a_grown_table_links_the_parts_it_shares_and_writes_the_bytes_a_fresh_write_gives(tmp_path):
+    table = pa.table({"id": [f"row-{i}" for i in range(2500)], "text": [f"text {i}" for i in range(2500)]})
+    grown = pa.concat_tables([table, pa.table({"id": ["new"], "text": ["new text"]})])
+    _, before = _parts(tmp_path / "before", table)
+    writer, after = _parts(tmp_path / "after", grown, earlier=tmp_path / "before")
+    _, fresh = _parts(tmp_path / "fresh", grown)
+    assert [p.name for p in after] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert (writer.parts, writer.linked) == (3, 2)  # the last part gained a row: written again
+    assert [p.stat().st_ino for p in after[:2]] == [p.stat().st_ino for p in before[:2]]
+    assert after[2].stat().st_ino != before[2].stat().st_ino
+    assert [p.read_bytes() for p in after] == [p.read_bytes() for p in fresh]
+    assert layout.read_data(tmp_path / "after").equals(grown) and layout.data_rows(tmp_path / "after") == 2501
+    assert sha256_file(after[0]) == hashlib.sha256(after[0].read_bytes()).hexdigest()
+
+
+def test_an_edited_row_is_written_again_and_an_empty_table_still_has_a_part(tmp_path):
+    table = pa.table({"id": [f"row-{i}" for i in range(1500)]})
+    _parts(tmp_path / "before", table)
+    edited = table.set_column(0, "id", pa.array(["changed"] + [f"row-{i}" for i in range(1, 1500)]))
+    writer, _ = _parts(tmp_path / "after", edited, earlier=tmp_path / "before")
+    assert (writer.parts, writer.linked) == (2, 1)
+    assert layout.read_data(tmp_path / "after").equals(edited)
+    writer, parts = _parts(tmp_path / "empty", table.slice(0, 0))
+    assert writer.parts == 1 and layout.data_columns(tmp_path / "empty") == ["id"] and layout.data_rows(
+        tmp_path / "empty") == 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from catalog import layout
 from catalog.config import STEPS, load_config
 from commands.running import run_pipeline
 from tests.conftest import tiny_overrides
@@ -39,7 +40,7 @@ def test_deleted_or_corrupted_artifact_reruns_that_step_only(tmp_path):
     first = run_pipeline(load_config(overrides=overrides), "tokenize")
     assert list(first["steps"]) == list(STEPS[:5])
     tokenized = first["steps"]["tokenize"]["artifact"]
-    with open(f"{tokenized}/data.parquet", "r+b") as handle:
+    with open(layout.data_parts(Path(tokenized))[0], "r+b") as handle:
         handle.truncate(100)
     second = run_pipeline(load_config(overrides=overrides), "tokenize")
     assert _states(second) == {**dict.fromkeys(STEPS[:4], "Cached"), "tokenize": "Completed"}

@@ -62,8 +62,10 @@ def _run_both(tmp_path, write, dask_runner, files=("data.parquet",)):
         out = tmp_path / runner.kind
         out.mkdir()
         stats[runner.kind] = write(out, runner)
-    for file in files:
-        assert _sha256(tmp_path / "dask" / file) == _sha256(tmp_path / "local" / file), file
+    for name in files:
+        dask, local = (sorted((tmp_path / run).glob(f"{name}/*.parquet")) or [tmp_path / run / name]
+                       for run in ("dask", "local"))
+        assert [(p.name, _sha256(p)) for p in dask] == [(p.name, _sha256(p)) for p in local], name
     assert stats["dask"] == stats["local"]
     return stats["local"]
 

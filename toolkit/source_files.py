@@ -53,7 +53,7 @@ class SourceFiles:
     @functools.cached_property
     def _earlier_tables(self) -> tuple[pa.Table, pa.Table]:
         assert self.earlier is not None
-        return (pq.read_table(layout.data_file(self.earlier)).cast(self.schema),
+        return (layout.read_data(self.earlier).cast(self.schema),
                 pq.read_table(layout.quarantine_file(self.earlier)))
 
     def tables(self, spec_number: int, source: str, read: FileReader, quarantine: list[dict[str, Any]]
