@@ -35,10 +35,14 @@ def data_path(folder: Path) -> Path:
     return Path(folder) / DATA
 
 
+def parts_of(path: Path) -> list[Path]:
+    """Give back the Parquet files of a dataset folder in row order (a single Parquet file: itself)."""
+    return [path] if path.is_file() else sorted(path.glob(PART.replace("{:05d}", "[0-9]" * 5)))
+
+
 def data_parts(folder: Path) -> list[Path]:
     """Give back the Parquet files holding an artifact's rows, in row order."""
-    path = data_path(folder)
-    return [path] if path.is_file() else sorted(path.glob(PART.replace("{:05d}", "[0-9]" * 5)))
+    return parts_of(data_path(folder))
 
 
 def data_rows(folder: Path) -> int:
@@ -78,12 +82,13 @@ def memo_file(folder: Path) -> Path:
 
 def read_memo(folder: Path | None) -> Any:
     """Give back an artifact's row memo as a pyarrow Table, or None when there is no such artifact or memo."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if folder is None or not memo_file(folder).is_file():
+    if folder is None or not memo_file(folder).exists():
         return None
     # one chunk per column: rows are taken from it batch after batch, and a take over many chunks costs more
-    return pq.read_table(memo_file(folder)).combine_chunks()
+    return pa.concat_tables([pq.read_table(part) for part in parts_of(memo_file(folder))]).combine_chunks()
 
 
 def data_docs_index(folder: Path) -> Path:

@@ -6,9 +6,9 @@ ROWS_PER_GROUP rows, so the bytes follow from the rows alone and both builds wri
 encoding, not the row groups, are most of what writing costs (template's 192,000 rows: 0.85 s in even groups,
 1.07 s in 1,000-row groups).
 
-An artifact's rows (`DataParts`) go one chunk per part file of a Parquet dataset folder: a nightly build on grown
-data derives the same rows for the same leading parts, and a part equal to the same part of the previous build is
-linked from it, not compressed and written again. Quarantines and row memos (`EvenRowGroupWriter`) stay one file.
+An artifact's rows and row memo (`DataParts`) go one chunk per part file of a Parquet dataset folder: a nightly
+build on grown data derives the same rows for the same leading parts, and a part equal to the same part of the
+previous build is linked from it, not compressed and written again. Quarantines (`EvenRowGroupWriter`) stay one file.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from catalog import layout
 from catalog.store import link_file
 
 ROWS_PER_GROUP = 65_536
+# rows per part of an artifact's data and memo: a grown dataset writes its last part again, so a small part keeps
+# that small (on average half a part per step); files of 16,384 rows still compress and read as well
+ROWS_PER_PART = 16_384
 # LZ4 rather than Parquet's default snappy: on the 200,000-row artifacts, writing took 0.34-0.77 s against
 # 0.48-0.87 s and reading 0.06-0.15 s against 0.15-0.42 s, for 4-6% more bytes (benchmarks/RESULTS.md)
 COMPRESSION = "lz4"
@@ -87,17 +90,19 @@ class EvenRowGroupWriter(_EvenChunks):
 
 
 class DataParts(_EvenChunks):
-    """Writes an artifact's rows to `layout.data_path(out)`, a part file (one row group) per `rows_per_part` rows.
+    """Writes rows to the Parquet dataset folder `name` of the artifact folder `out` (its data unless told), a part
+    file (one row group) per `rows_per_part` rows.
 
     `earlier`: an artifact of the same step and recipe; a part whose rows (and schema) equal its part of the same
     number is hard-linked from there (same writer, same rows: same bytes) and counted in `linked`.
     """
 
-    def __init__(self, out: Path, schema: pa.Schema, earlier: Path | None = None, rows_per_part: int | None = None):
-        super().__init__(rows_per_part)
-        self.schema, self.folder = schema, layout.data_path(out)
+    def __init__(self, out: Path, schema: pa.Schema, earlier: Path | None = None, rows_per_part: int | None = None,
+                 name: str = layout.DATA, compression: str = COMPRESSION):
+        super().__init__(rows_per_part or ROWS_PER_PART)
+        self.schema, self.folder, self.compression = schema, Path(out) / name, compression
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.earlier = layout.data_path(earlier) if earlier is not None else None
+        self.earlier = Path(earlier) / name if earlier is not None else None
         self.parts = self.linked = 0
 
     def _emit(self, chunk: pa.Table) -> None:
@@ -108,7 +113,7 @@ class DataParts(_EvenChunks):
             link_file(before, target)
             self.linked += 1
         else:
-            pq.write_table(chunk, target, row_group_size=max(chunk.num_rows, 1), compression=COMPRESSION)
+            pq.write_table(chunk, target, row_group_size=max(chunk.num_rows, 1), compression=self.compression)
 
     def _finish(self) -> None:
         if not self.parts:  # no rows: still one (empty) part, which carries the schema

@@ -226,7 +226,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
                              *fingerprint_fields(config.near_duplicate_num_perm)])
     memo = layout.read_memo(earlier)
     seen_in_memo, staging, duplicates = memo_lookup(memo), out / ".checked.parquet", Duplicates(config)
-    memo_out, reused = MemoWriter(layout.memo_file(out), memo_schema), 0
+    memo_out, reused = MemoWriter(out, memo_schema, earlier), 0
     pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
 
     def unseen() -> Any:

@@ -185,7 +185,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
             start += batch.num_rows
 
     splits: dict[str, int] = {}
-    memo_out = MemoWriter(layout.memo_file(out), MEMO_SCHEMA)
+    memo_out = MemoWriter(out, MEMO_SCHEMA, earlier)
     with DataParts(out, TEMPLATED_SCHEMA, earlier) as writer:
         for rendered in map_batches(template_batch, unseen(), config, runner=runner, step="template"):
             start, batch = pending.popleft()

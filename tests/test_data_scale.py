@@ -194,7 +194,7 @@ def test_ingest_batches_keep_caps_and_weights_across_batch_boundaries(tmp_path, 
 
 
 def test_ingest_writes_parquet_in_batches_with_the_canonical_schema(tmp_path, monkeypatch):
-    monkeypatch.setattr("catalog.parquet_writer.ROWS_PER_GROUP", 10_000)
+    monkeypatch.setattr("catalog.parquet_writer.ROWS_PER_PART", 10_000)
     path = tmp_path / "rows.jsonl.gz"
     import gzip
 

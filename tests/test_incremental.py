@@ -51,7 +51,7 @@ def _manifest(summary: dict, step: str) -> dict:
 def small_parts():
     """Parts of 64 rows, so the data of 180 rows spans several and a grown folder can reuse the leading ones."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("catalog.parquet_writer.ROWS_PER_GROUP", 64)
+        patch.setattr("catalog.parquet_writer.ROWS_PER_PART", 64)
         yield
 
 

@@ -50,8 +50,8 @@ class TokenMemo:
         self.memo = layout.read_memo(earlier)
         self.positions = memo_lookup(self.memo)
         self.schema = schema
-        self.writer = MemoWriter(layout.memo_file(out), pa.schema(
-            [pa.field(KEY, pa.string()), *(schema.field(name) for name in KEPT)]))
+        self.writer = MemoWriter(out, pa.schema(
+            [pa.field(KEY, pa.string()), *(schema.field(name) for name in KEPT)]), earlier)
         self.reused = 0
 
     def tokenized(self, batches: Iterable[pa.RecordBatch], tokenize: Callable[..., tuple[pa.RecordBatch, Any]],
