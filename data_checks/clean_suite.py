@@ -87,16 +87,19 @@ def _row_batches(cleaned: Path, rows_per_batch: int, seen: pa.Array | None, coun
 
 
 def _unseen_rows(parts: list[Path], seen: pa.Array) -> Iterator[pa.Table]:
-    """Yield, row group by row group, the rows whose key is not in `seen`: the key columns are read first, the
-    whole row group only when it holds such a row (on a nightly run, the last groups only)."""
-    for part in parts:
-        parquet = pq.ParquetFile(part)
-        key_columns = [name for name in ("id", "messages") if name in parquet.schema_arrow.names]
-        for group in range(parquet.num_row_groups):
-            keys = row_keys(parquet.read_row_group(group, columns=key_columns))
-            unseen = pc.invert(pc.is_in(keys, value_set=seen))
-            if pc.any(unseen).as_py():
-                yield parquet.read_row_group(group).filter(unseen)
+    """Yield, part by part, the rows whose key is not in `seen`: the key columns of every part are read and looked
+    up at once (Arrow hashes `seen` once per lookup), a whole part only when it holds such a row (on a nightly
+    run, the last parts only)."""
+    files = [pq.ParquetFile(part) for part in parts]
+    key_columns = [name for name in ("id", "messages") if name in files[0].schema_arrow.names] if files else []
+    keys = [row_keys(file.read(columns=key_columns)) for file in files]
+    unseen = pc.invert(pc.is_in(pa.concat_arrays(keys), value_set=seen)) if keys else pa.array([], pa.bool_())
+    start = 0
+    for file, part_keys in zip(files, keys, strict=True):
+        mask = unseen.slice(start, len(part_keys))
+        start += len(part_keys)
+        if pc.any(mask).as_py():
+            yield file.read().filter(mask)
 
 
 def _mean_chars(cleaned: Path, columns: list[str]) -> dict[str, float]:
