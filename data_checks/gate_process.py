@@ -11,6 +11,7 @@ one process, the test suite) or no worker was started, the checks run here, with
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -24,10 +25,20 @@ _lock = threading.Lock()
 
 
 def _import_great_expectations() -> None:
-    import os
-
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations  # noqa: F401 - the import is the work
+
+
+def _exit_with(parent: int) -> None:
+    """In the worker: end it once the process that started it is gone (killed with -9, it cannot say so)."""
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="gate-worker-parent-watch", daemon=True).start()
 
 
 def start() -> None:
@@ -37,7 +48,8 @@ def start() -> None:
         if _worker is not None or "great_expectations" in sys.modules:
             return
         # spawn, not fork: the flow process runs Prefect's threads, and a fork copies their locks mid-use
-        _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_exit_with, initargs=(os.getpid(),))
         _worker.submit(_import_great_expectations)
 
 

@@ -125,7 +125,6 @@ def token_count_bounds(texts: pd.Series) -> tuple[pd.Series, pd.Series]:
     return words, texts.str.encode("utf-8").str.len()
 
 
-
 def check_rows(frame: pd.DataFrame, config: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Give back (the rows normalised, a frame of each row's first failed check as `reason` and `detail`).
 

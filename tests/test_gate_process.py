@@ -45,3 +45,33 @@ def test_checks_run_in_the_worker_match_checks_run_here(tmp_path):
     assert worker["blocking"] == len(here.blocking_failures) == 1
     assert worker["records"] == here.as_records()
     assert (tmp_path / "docs-worker" / "index.html").is_file()
+
+
+KILLED_PARENT = """
+import time
+from data_checks import gate_process
+gate_process.start()
+gate_process.run(time.sleep, 0)
+print([process.pid for process in gate_process._worker._processes.values()][0], flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_worker_ends_when_its_run_is_killed_with_signal_9():
+    import os
+    import signal
+    import time
+
+    run = subprocess.Popen([sys.executable, "-c", KILLED_PARENT], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    worker = int(run.stdout.readline())
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return  # gone: a killed nightly run leaves no Great Expectations process behind
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError(f"the gate worker {worker} outlived its killed run")
