@@ -1,12 +1,13 @@
 """What each step's artifact holds, by name, and the readers other steps and commands use.
 
 Only this module spells an artifact's file names: a step writes `layout.data_path(out)` (through
-catalog.parquet_writer.DataParts) and a later step reads `layout.read_data(folder)` or `layout.data_batches(folder)`,
+catalog.parquet_writer.DataParts) and a later step reads `layout.read_data(folder)` or `layout.DataRows(folder)`,
 so no step retypes another step's layout.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ class DataRows:
     def __init__(self, folder: Path):
         self.parts = data_parts(folder)
 
-    @property
+    @functools.cached_property
     def schema_arrow(self) -> Any:
         import pyarrow.parquet as pq
 
@@ -82,13 +83,10 @@ def memo_file(folder: Path) -> Path:
 
 def read_memo(folder: Path | None) -> Any:
     """Give back an artifact's row memo as a pyarrow Table, or None when there is no such artifact or memo."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if folder is None or not memo_file(folder).exists():
         return None
     # one chunk per column: rows are taken from it batch after batch, and a take over many chunks costs more
-    return pa.concat_tables([pq.read_table(part) for part in parts_of(memo_file(folder))]).combine_chunks()
+    return _read_parts(parts_of(memo_file(folder))).combine_chunks()
 
 
 def data_docs_index(folder: Path) -> Path:
@@ -97,10 +95,14 @@ def data_docs_index(folder: Path) -> Path:
 
 def read_data(folder: Path, columns: list[str] | None = None, filters: Any = None) -> Any:
     """Give back an artifact's rows as a pyarrow Table (only `columns`, and rows meeting `filters`, when given)."""
+    return _read_parts(data_parts(folder), columns, filters)
+
+
+def _read_parts(parts: list[Path], columns: list[str] | None = None, filters: Any = None) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(part, columns=columns, filters=filters) for part in data_parts(folder)])
+    return pa.concat_tables([pq.read_table(part, columns=columns, filters=filters) for part in parts])
 
 
 def data_schema(folder: Path) -> Any:
