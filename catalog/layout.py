@@ -115,26 +115,6 @@ def data_columns(folder: Path) -> list[str]:
     return data_schema(folder).names
 
 
-def values_at(path: Path, column: str, rows: Any) -> list[str]:
-    """Give back one column's values at `rows` (ascending) of a Parquet file, reading only their row groups."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    wanted = np.asarray(rows, np.int64)
-    source = pq.ParquetFile(path, pre_buffer=False)
-    values: list[str] = []
-    offset = 0
-    for group in range(source.num_row_groups):
-        size = source.metadata.row_group(group).num_rows
-        inside = wanted[(wanted >= offset) & (wanted < offset + size)]
-        if len(inside):
-            chunk = source.read_row_group(group, columns=[column]).column(0)
-            values += chunk.take(pa.array(inside - offset)).to_pylist()
-        offset += size
-    return values
-
-
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Give back an artifact's manifest as written (verification is the store's job)."""
     return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))

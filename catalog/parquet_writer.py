@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -103,13 +104,26 @@ class DataParts(_EvenChunks):
         self.schema, self.folder, self.compression = schema, Path(out) / name, compression
         self.folder.mkdir(parents=True, exist_ok=True)
         self.earlier = Path(earlier) / name if earlier is not None else None
-        self.parts = self.linked = 0
+        self.parts = self.linked = self.rows_emitted = 0
+        self._origins: list[np.ndarray] = []
+
+    def write_table(self, table: pa.Table, earlier_rows: np.ndarray | None = None) -> None:
+        """Add rows; `earlier_rows`: each row's row in the earlier build's folder that it is known to equal (-1: not
+        known). A part whose rows all sit where they sat in the earlier build is linked without reading it back."""
+        if table.num_rows:
+            self._origins.append(np.full(table.num_rows, -1, np.int64) if earlier_rows is None else earlier_rows)
+        super().write_table(table)
 
     def _emit(self, chunk: pa.Table) -> None:
         target = self.folder / layout.PART.format(self.parts)
         self.parts += 1
+        first, self.rows_emitted = self.rows_emitted, self.rows_emitted + chunk.num_rows
+        origins = np.concatenate(self._origins) if self._origins else np.zeros(0, np.int64)
+        self._origins = [origins[chunk.num_rows:]] if len(origins) > chunk.num_rows else []
         before = self.earlier / target.name if self.earlier is not None else None
-        if before is not None and before.is_file() and _same_rows(before, chunk):
+        in_place = chunk.num_rows > 0 and bool((origins[:chunk.num_rows] == np.arange(first, self.rows_emitted)).all())
+        if before is not None and before.is_file() and (
+                _same_count(before, chunk) if in_place else _same_rows(before, chunk)):
             link_file(before, target)
             self.linked += 1
         else:
@@ -118,6 +132,11 @@ class DataParts(_EvenChunks):
     def _finish(self) -> None:
         if not self.parts:  # no rows: still one (empty) part, which carries the schema
             self._emit(self.schema.empty_table())
+
+
+def _same_count(path: Path, chunk: pa.Table) -> bool:
+    # rows known equal to those of the earlier part in the same places: the same writer gave it the same bytes
+    return pq.ParquetFile(path).metadata.num_rows == chunk.num_rows
 
 
 def _same_rows(path: Path, chunk: pa.Table) -> bool:

@@ -34,7 +34,7 @@ from catalog.store import ArtifactRef
 from toolkit.conversations import conversation_fields
 from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerprint_fields, fingerprints_of
 from toolkit.language import identify_language, latin_share
-from toolkit.row_memo import KEY, MemoWriter, changed_only, memo_lookup, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoWriter, changed_only, row_keys, with_memo
 from toolkit.runner import map_batches
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -224,16 +224,18 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     memo_schema = pa.schema([pa.field(KEY, pa.string()), *(staged_schema.field(name) for name in derived),
                              *fingerprint_fields(config.near_duplicate_num_perm)])
     memo = layout.read_memo(earlier)
-    seen_in_memo, staging, duplicates = memo_lookup(memo), out / ".checked.parquet", Duplicates(config)
+    in_memo, staging, duplicates = MemoIndex(memo), out / ".checked.arrow", Duplicates(config)
     memo_out, reused = MemoWriter(out, memo_schema, earlier), 0
     pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
 
     def unseen() -> Any:
         for batch in source.iter_batches(batch_size=batch_rows):
-            pending.append((batch, keys := row_keys(batch), positions := seen_in_memo(keys)))
+            pending.append((batch, keys := row_keys(batch), positions := in_memo.positions(keys)))
             yield batch.filter(pa.array(positions < 0))
 
-    with pq.ParquetWriter(staging, staged_schema, compression="none") as writer:  # read once, then deleted
+    # Arrow's file format, not Parquet: read once, then deleted, so nothing is gained by encoding it; it is mapped
+    # back without a copy (1,000,000 staged rows: 2.4 s to write as Parquet)
+    with pa.ipc.new_file(staging, staged_schema) as writer:
         for frame, checked in map_batches(check_batch, unseen(), config, runner=runner, step="clean"):
             batch, keys, positions = pending.popleft()
             fresh = pa.Table.from_pandas(pd.concat([frame, checked], axis=1)[derived], pa.schema(
@@ -249,16 +251,16 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
                 [columns[name] if name in columns else batch.column(name) for name in staged_schema.names],
                 schema=staged_schema))
             memo_out.write(keys, {**columns, **{name: changed_only(columns[name], batch.column(name))
-                                                for name in derived[:-2]}})  # the texts: reason and detail last
+                                                for name in derived[:-2]}}, positions)  # texts: reason, detail last
             reused += int((positions >= 0).sum())
     memo_out.close()
-    marks = duplicates.finish(lambda rows: layout.values_at(staging, "response", rows))
+    staged = pa.ipc.open_file(pa.memory_map(str(staging))).read_all()
+    marks = duplicates.finish(lambda rows: staged.column("response").take(pa.array(rows)).to_pylist())
     marked = np.array(sorted(marks), np.int64)
     kept, offset, dropped = 0, 0, {}
-    staged = pq.ParquetFile(staging, pre_buffer=False)
     with DataParts(out, schema, earlier) as keep, \
             EvenRowGroupWriter(layout.quarantine_file(out), staged_schema) as drop:
-        for batch in staged.iter_batches(batch_size=batch_rows):
+        for batch in staged.to_batches(max_chunksize=batch_rows):
             table = pa.Table.from_batches([batch])
             rows = marked[(marked >= offset) & (marked < offset + table.num_rows)].tolist()
             for part, name in enumerate(("reason", "detail") if rows else ()):
@@ -274,7 +276,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
             for entry in pc.value_counts(table.column("reason")).to_pylist():
                 if entry["values"]:
                     dropped[entry["values"]] = dropped.get(entry["values"], 0) + entry["counts"]
-    staging.unlink()
+    staging.unlink()  # the mapped rows stay readable until they are let go
     upstream = pq.ParquetFile(layout.quarantine_file(ingested)).metadata.num_rows
     removed = sum(dropped.values())
     total = kept + removed + upstream

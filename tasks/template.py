@@ -29,7 +29,7 @@ from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
-from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoWriter, row_keys, with_memo
 from toolkit.runner import map_batches
 from toolkit.split_groups import BUILTIN_SOURCE, joined_splits, own_splits, table_splits
 
@@ -141,12 +141,12 @@ def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table |
     # a column named by split_by is not in the memo key: such splits are worked out again (cheap: no passages)
     by_column = config.split_by not in ("auto", "instruction_input")
     positions, parts = [], []
-    seen_in_memo = memo_lookup(None if by_column else memo)
+    in_memo = MemoIndex(None if by_column else memo)
     for batch in table.iter_batches(batch_rows, columns=needed):
         keys = row_keys(batch)
         builtin = pc.starts_with(batch.column("source"), BUILTIN_SOURCE) if "source" in batch.schema.names \
             else pa.array([False] * batch.num_rows)
-        where = seen_in_memo(keys)
+        where = in_memo.positions(keys)
         if memo is not None and (where >= 0).any():  # the same text from the generator and a file splits apart
             where[(where >= 0) & (memo.column("builtin").to_numpy(zero_copy_only=False)[np.maximum(where, 0)]
                                   != builtin.to_numpy(zero_copy_only=False))] = -1
@@ -199,7 +199,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
             writer.write_table(templated)
             memo_out.write(kept["key"].slice(start, batch.num_rows), {
                 **{name: kept[name].slice(start, batch.num_rows) for name in ("builtin", "own_split", "passage")},
-                **columns})
+                **columns}, where)
             for entry in templated.column("split").value_counts().to_pylist():
                 splits[entry["values"]] = splits.get(entry["values"], 0) + entry["counts"]
     memo_out.close()

@@ -1,7 +1,10 @@
 import json
+import os
+import time
 
 import pytest
 
+import catalog.store as store_module
 from catalog.step import Step
 from catalog.store import ArtifactError, ArtifactStore
 
@@ -66,6 +69,43 @@ def test_damaged_artifact_is_never_read_and_is_rebuilt(tmp_path, damage):
         store.open(ref)
     rebuilt, built = step.produce({}, root, [], _build("payload"))
     assert built and (rebuilt.path / "data.txt").read_text() == "payload"
+
+
+def _build_settled(text):
+    """A build whose file was last written an hour ago (as yesterday's parts linked into tonight's artifact are)."""
+    def build(out, inputs):
+        data = out / "data.txt"
+        data.write_text(text)
+        os.utime(data, ns=(time.time_ns() - 3600 * 10**9,) * 2)
+        return {"rows": 1}
+
+    return build
+
+
+def test_settled_files_are_known_by_their_stat_and_any_change_is_still_caught(tmp_path, monkeypatch):
+    step = _step(tmp_path)
+    root = str(tmp_path / "root")
+    ref, _ = step.produce({}, root, [], _build_settled("payload"))
+    hashed = []
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(path) or "rehashed")
+    store = ArtifactStore(root)
+    assert store.manifest(ref.step, ref.key) is not None and hashed == []  # yesterday's gigabytes: not read again
+    data = ref.path / "data.txt"
+    data.write_text("paylOad")  # same size, written now: a new modification time
+    assert store.manifest(ref.step, ref.key) is None and hashed == [data]
+
+
+def test_a_settled_file_replaced_with_its_old_time_and_size_is_hashed_and_refused(tmp_path):
+    step = _step(tmp_path)
+    root = str(tmp_path / "root")
+    ref, _ = step.produce({}, root, [], _build_settled("payload"))
+    data = ref.path / "data.txt"
+    old = data.stat()
+    forged = tmp_path / "forged.txt"
+    forged.write_text("paylOad")
+    os.utime(forged, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(forged, data)  # same size and time, another inode
+    assert ArtifactStore(root).manifest(ref.step, ref.key) is None
 
 
 def test_failed_build_leaves_nothing_that_looks_complete(tmp_path):

@@ -127,10 +127,18 @@ def signatures_of(texts: Sequence[str], config: CleanConfig) -> tuple[np.ndarray
 def _shared(key_column: Callable[[int], np.ndarray], bands: int, n: int) -> np.ndarray:
     """Give back which rows share at least one band key with another row."""
     shared = np.zeros(n, bool)
-    for band in range(bands):
-        _, inverse, counts = np.unique(key_column(band), return_inverse=True, return_counts=True)
-        shared |= counts[inverse] > 1
+    for band in range(bands):  # a hash table per band: sorting a million keys per band cost several times more
+        shared |= pd.Index(key_column(band)).duplicated(keep=False)
     return shared
+
+
+def first_of_same(keys: np.ndarray) -> np.ndarray:
+    """Give back, for each 16-byte key, the first row holding the same key (by hash tables, not a sort)."""
+    halves = np.ascontiguousarray(keys).view("<u8").reshape(len(keys), 2)
+    high, low = (pd.factorize(halves[:, half])[0].astype(np.int64) for half in (0, 1))
+    # numbered in order of first appearance: the n-th first appearance holds number n
+    numbers = pd.factorize(high * (int(low.max(initial=0)) + 1) + low)[0]
+    return np.flatnonzero(~pd.Index(numbers).duplicated())[numbers]
 
 
 def _first_matches(positions: np.ndarray, signatures: np.ndarray, keys: np.ndarray, config: CleanConfig,
@@ -218,8 +226,7 @@ class Duplicates:
         marks: dict[int, tuple[str, str]] = {}
         if self.config.drop_exact_duplicates and self.rows:
             # the first row of each text, whatever became of it, is the one the others duplicate
-            _, first, inverse = np.unique(np.concatenate(self.exact_keys), return_index=True, return_inverse=True)
-            earlier = first[inverse]
+            earlier = first_of_same(np.concatenate(self.exact_keys))
             rows = np.flatnonzero(alive & (earlier != np.arange(self.rows)))
             names = ids.take(pa.array(earlier[rows])).to_pylist()
             marks.update({row: ("exact_duplicate", "duplicate of " + name)

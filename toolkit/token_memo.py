@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from catalog import layout
 from catalog.sections import RunnerConfig
-from toolkit.row_memo import KEY, MemoWriter, memo_lookup, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoWriter, row_keys, rows_at, with_memo
 from toolkit.runner import map_batches
 from toolkit.tokenizer import IGNORE_INDEX
 
@@ -48,7 +48,7 @@ class TokenMemo:
     def __init__(self, earlier: Path | None, out: Path, schema: pa.Schema):
         self.earlier = earlier
         self.memo = layout.read_memo(earlier)
-        self.positions = memo_lookup(self.memo)
+        self.index = MemoIndex(self.memo)
         self.schema = schema
         self.writer = MemoWriter(out, pa.schema(
             [pa.field(KEY, pa.string()), *(schema.field(name) for name in KEPT)]), earlier)
@@ -63,7 +63,7 @@ class TokenMemo:
             for batch in batches:
                 keys = row_keys(batch)
                 whole = _has_conversations(batch)
-                positions = np.full(batch.num_rows, -1, np.int64) if whole else self.positions(keys)
+                positions = np.full(batch.num_rows, -1, np.int64) if whole else self.index.positions(keys)
                 pending.append((batch, keys, positions))
                 yield batch.filter(pa.array(positions < 0))
 
@@ -74,7 +74,8 @@ class TokenMemo:
                 if "segments" in batch.schema.names else pa.array(np.ones(batch.num_rows, bool))
             # a batch's pair rows come first in its tokenized rows, in order (tokenize_counted)
             paired = rows.slice(0, int(pc.sum(pairs).as_py() or 0))
-            self.writer.write(keys.filter(pairs), {name: paired.column(name) for name in KEPT})
+            self.writer.write(keys.filter(pairs), {name: paired.column(name) for name in KEPT},
+                              positions[pairs.to_numpy(zero_copy_only=False)])
             self.reused += int((positions >= 0).sum())
             yield rows, cuts
         self.writer.close()
@@ -82,7 +83,7 @@ class TokenMemo:
     def _merged(self, batch: pa.RecordBatch, positions: np.ndarray, fresh: pa.RecordBatch) -> pa.RecordBatch:
         assert self.memo is not None
         seen = positions >= 0
-        known = self.memo.take(pa.array(positions[seen])).combine_chunks()
+        known = rows_at(self.memo, positions[seen])
         known = known.append_column("labels", pair_labels(known.column("input_ids").chunk(0),
                                                           known.column("n_target").to_numpy()))
         order = np.where(seen, np.cumsum(seen) - 1, -1)  # the seen rows' places in `known`
