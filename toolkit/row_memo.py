@@ -45,12 +45,13 @@ class MemoIndex:
     A memo keeps every row of the table it was built from, in order, and a grown table holds the earlier rows in
     the earlier order: so a batch is first matched by position, against the memo rows after the last one matched
     (one comparison of two key arrays). Only rows that do not line up are looked up by key, in a dict built the first
-    time one is needed; rows past the memo's end, once all of it lined up, are new and need no lookup.
+    time one is needed; rows past the memo's end, when all of it lined up, are new and need no lookup.
     """
 
     def __init__(self, memo: pa.Table | None):
         self.keys = memo.column(KEY).combine_chunks() if memo is not None else pa.array([], pa.string())
         self.next = 0  # the memo row after the last one matched
+        self.in_order = True  # every row so far lined up with the memo row after the one before
         self._rows: dict[str, int] | None = None
 
     def positions(self, keys: pa.Array) -> np.ndarray:
@@ -61,7 +62,9 @@ class MemoIndex:
             lined_up[:len(ahead)] = pc.equal(keys.slice(0, len(ahead)).cast(ahead.type), ahead).to_numpy(
                 zero_copy_only=False)
         positions = np.where(lined_up, self.next + np.arange(len(keys)), -1)
-        if not lined_up[:len(ahead)].all():  # not only new rows after the memo's last: some moved or are gone
+        # rows past the memo's end are new only while every memo row so far lined up: else they may have moved
+        if not lined_up[:len(ahead)].all() or not (self.in_order or lined_up.all()):
+            self.in_order = False
             if self._rows is None:
                 self._rows = {key: row for row, key in reversed(list(enumerate(self.keys.to_pylist())))}
             stray = np.flatnonzero(~lined_up)
