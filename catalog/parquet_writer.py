@@ -114,6 +114,34 @@ class DataParts(_EvenChunks):
             self._origins.append(np.full(table.num_rows, -1, np.int64) if earlier_rows is None else earlier_rows)
         super().write_table(table)
 
+    def write_earlier(self, start: int, count: int) -> None:
+        """Add rows [start, start + count) of the earlier build's folder. A whole part of them sitting where it sat
+        is linked without being read; the rest are read from their earlier parts (ingest's unchanged files)."""
+        assert self.earlier is not None
+        parts, bounds = self._earlier_parts()
+        while count > 0:
+            part = int(np.searchsorted(bounds, start, side="right")) - 1
+            size, before = int(bounds[part + 1] - bounds[part]), parts[part]
+            # only a full part: the rows after a shorter (last) one may fill its part up in this build
+            if not self._rows and start == bounds[part] == self.rows_emitted and count >= size == self.rows_per_chunk \
+                    and before.name == layout.PART.format(self.parts):
+                link_file(before, self.folder / layout.PART.format(self.parts))
+                self.parts, self.linked, self.rows_emitted = self.parts + 1, self.linked + 1, self.rows_emitted + size
+                start, count = start + size, count - size
+                continue
+            taken = min(count, int(bounds[part + 1]) - start)
+            rows = pq.read_table(before).slice(start - int(bounds[part]), taken).cast(self.schema)
+            self.write_table(rows, np.arange(start, start + taken))
+            start, count = start + taken, count - taken
+
+    def _earlier_parts(self) -> tuple[list[Path], np.ndarray]:
+        """Give back the earlier build's part files and the first row of each (then its row count)."""
+        if not hasattr(self, "_before"):
+            assert self.earlier is not None
+            parts = layout.parts_of(self.earlier)
+            self._before = parts, np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in parts)])
+        return self._before
+
     def _emit(self, chunk: pa.Table) -> None:
         target = self.folder / layout.PART.format(self.parts)
         self.parts += 1
@@ -142,6 +170,8 @@ def _same_count(path: Path, chunk: pa.Table) -> bool:
 def _same_rows(path: Path, chunk: pa.Table) -> bool:
     # reading LZ4 back and comparing in Arrow costs a fraction of compressing and writing the part again. Field by
     # field, not with the schema's metadata: Parquet names a list's items "element" where Arrow says "item"
+    if not _same_count(path, chunk):
+        return False
     before = pq.read_table(path)
     return before.schema.metadata == chunk.schema.metadata and before.equals(chunk)
 

@@ -278,6 +278,7 @@ def _unchanged_files(listing: Path) -> dict[Path, str]:
             seen = stats.get(name)
             if seen and seen[3] < looked - _SETTLED_NS and _stat_of(listing.parent / name) == seen:
                 unchanged[listing.parent / name] = digest
+                _DIGESTS[_identity(listing.parent / name)] = digest  # known to link_file and the next step too
         return unchanged
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return {}

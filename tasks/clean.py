@@ -34,7 +34,7 @@ from catalog.store import ArtifactRef
 from toolkit.conversations import conversation_fields
 from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerprint_fields, fingerprints_of
 from toolkit.language import identify_language, latin_share
-from toolkit.row_memo import KEY, MemoIndex, MemoWriter, changed_only, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoWriter, changed_only, row_keys, rows_at, with_memo
 from toolkit.runner import map_batches
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
@@ -255,7 +255,7 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
             reused += int((positions >= 0).sum())
     memo_out.close()
     staged = pa.ipc.open_file(pa.memory_map(str(staging))).read_all()
-    marks = duplicates.finish(lambda rows: staged.column("response").take(pa.array(rows)).to_pylist())
+    marks = duplicates.finish(lambda rows: rows_at(staged.column("response"), rows).to_pylist())
     marked = np.array(sorted(marks), np.int64)
     kept, offset, dropped = 0, 0, {}
     with DataParts(out, schema, earlier) as keep, \

@@ -34,7 +34,7 @@ from catalog.store import ArtifactRef, sha256_file
 from toolkit import builtin_tasks
 from toolkit.formats import canonical_rows
 from toolkit.readers import HUB, IngestError, is_saved_dataset, read_records, record_streams, resolve_files
-from toolkit.source_files import SourceFiles, rebatched
+from toolkit.source_files import EarlierRows, SourceFiles
 
 CANONICAL_COLUMNS = ["id", "instruction", "input", "response", "source", "category", "messages"]
 DATA_SCHEMA = pa.schema([(column, pa.string()) for column in CANONICAL_COLUMNS])
@@ -55,11 +55,13 @@ def _source_specs(config: DataConfig) -> list[SourceSpec]:
 
 
 def _ingest_batches(config: DataConfig, quarantine: list[dict[str, Any]], per_source: list[dict[str, Any]],
-                    batch_rows: int = 10_000, files: SourceFiles | None = None) -> Iterator[pa.RecordBatch]:
+                    batch_rows: int = 10_000, files: SourceFiles | None = None
+                    ) -> Iterator[pa.RecordBatch | pa.Table | EarlierRows]:
     """Yield the canonical rows in Arrow batches, source after source; fill `quarantine` and `per_source`.
 
     Rows stream from the files to the batches: memory holds one batch (or one file), not the data set. A source
-    of files taking every row goes file by file through `files`, which reuses an unchanged file's rows.
+    of files taking every row goes file by file through `files`, which names an unchanged file's rows in the
+    earlier artifact (EarlierRows) instead of reading them.
     """
     remaining = config.max_rows
     for number, spec in enumerate(_source_specs(config)):
@@ -67,9 +69,10 @@ def _ingest_batches(config: DataConfig, quarantine: list[dict[str, Any]], per_so
             read = 0
             def reader(label: str, _: int, rejected: list[dict[str, Any]], spec: SourceSpec = spec) -> pa.Table:
                 return file_rows(label, spec, config, rejected)
-            for table in rebatched(files.tables(number, spec.source, reader, quarantine), batch_rows):
-                read += table.num_rows
-                yield table.to_batches()[0]
+            # not cut into batches here: a file read is in memory already, and DataParts cuts its parts
+            for rows in files.tables(number, spec.source, reader, quarantine):
+                read += rows.num_rows
+                yield rows
             per_source.append({"source": spec.source, "rows_read": read, "rows_kept": read})
             continue
         read = kept = 0
@@ -172,7 +175,10 @@ def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlie
     rows = 0
     with DataParts(out, DATA_SCHEMA, earlier) as writer:
         for batch in _ingest_batches(config, quarantine, per_source, batch_rows, files):
-            writer.write_batch(batch)
+            if isinstance(batch, EarlierRows):
+                writer.write_earlier(batch.start, batch.num_rows)
+            else:
+                writer.write_table(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
             rows += batch.num_rows
     rejected = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).astype(str)
     if not rows:

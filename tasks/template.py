@@ -29,7 +29,7 @@ from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
-from toolkit.row_memo import KEY, MemoIndex, MemoWriter, row_keys, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoWriter, row_keys, rows_at, with_memo
 from toolkit.runner import map_batches
 from toolkit.split_groups import BUILTIN_SOURCE, joined_splits, own_splits, table_splits
 
@@ -148,8 +148,8 @@ def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table |
             else pa.array([False] * batch.num_rows)
         where = in_memo.positions(keys)
         if memo is not None and (where >= 0).any():  # the same text from the generator and a file splits apart
-            where[(where >= 0) & (memo.column("builtin").to_numpy(zero_copy_only=False)[np.maximum(where, 0)]
-                                  != builtin.to_numpy(zero_copy_only=False))] = -1
+            where[(where >= 0) & (rows_at(memo.column("builtin"), np.maximum(where, 0)).to_numpy(
+                zero_copy_only=False) != builtin.to_numpy(zero_copy_only=False))] = -1
         splits, passages = own_splits(batch.filter(pa.array(where < 0)).to_pandas(), config.split_by,
                                       config.val_fraction, config.test_fraction)
         fresh = pa.table({"own_split": pa.array(splits, pa.string()),

@@ -2,6 +2,7 @@
 an artifact's data parts equal to an earlier build's are linked from it."""
 
 import hashlib
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,3 +62,23 @@ def test_an_edited_row_is_written_again_and_an_empty_table_still_has_a_part(tmp_
     writer, parts = _parts(tmp_path / "empty", table.slice(0, 0))
     assert writer.parts == 1 and layout.data_columns(tmp_path / "empty") == ["id"] and layout.data_rows(
         tmp_path / "empty") == 0
+
+
+def test_earlier_rows_in_place_are_linked_unread_and_the_rest_read_back(tmp_path, monkeypatch):
+    table = pa.table({"id": [f"row-{i}" for i in range(2500)], "text": [f"text {i}" for i in range(2500)]})
+    _, before = _parts(tmp_path / "before", table)
+    read = []
+    real_read = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: read.append(Path(path).name) or real_read(path, *a,
+                                                                                                           **k))
+    (tmp_path / "after").mkdir()
+    new = pa.table({"id": ["new"], "text": ["new text"]})
+    with DataParts(tmp_path / "after", table.schema, tmp_path / "before", rows_per_part=1000) as writer:
+        writer.write_earlier(0, 2500)  # two full parts in place, then the short last part, which new rows fill up
+        writer.write_table(new)
+    after = layout.data_parts(tmp_path / "after")
+    assert (writer.parts, writer.linked) == (3, 2)
+    assert read == ["part-00002.parquet"], read
+    assert [p.stat().st_ino for p in after[:2]] == [p.stat().st_ino for p in before[:2]]
+    _, fresh = _parts(tmp_path / "fresh", pa.concat_tables([table, new]))
+    assert [p.read_bytes() for p in after] == [p.read_bytes() for p in fresh]

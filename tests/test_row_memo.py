@@ -72,3 +72,11 @@ def test_parts_taken_in_place_are_linked_unread_and_others_compared(tmp_path, mo
     assert (writer.parts, writer.linked) == (3, 2) and compared == ["part-00002.parquet"]
     assert [p.stat().st_ino for p in after[:2]] == [p.stat().st_ino for p in before[:2]]
     assert layout.read_memo(tmp_path / "after").equals(_memo(keys + ["new"]))
+
+
+def test_rows_at_takes_across_chunks_in_any_order():
+    chunked = pa.chunked_array([pa.array(["a", "b", "c"]), pa.array([], pa.string()), pa.array(["d", "e"])])
+    assert rows_at(chunked, np.array([4, 0, 3, 3, 1])).to_pylist() == ["e", "a", "d", "d", "b"]
+    table = pa.table({"x": chunked})
+    assert rows_at(table, np.array([2, 4])).column("x").to_pylist() == ["c", "e"]
+    assert rows_at(chunked, np.array([], np.int64)).to_pylist() == []

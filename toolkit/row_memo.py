@@ -79,9 +79,25 @@ def rows_at(values: Any, positions: np.ndarray) -> Any:
     another (the rows of a grown table that were there before), else a take."""
     if len(positions) and positions[-1] - positions[0] == len(positions) - 1 and (np.diff(positions) == 1).all():
         taken = values.slice(int(positions[0]), len(positions))
-    else:
-        taken = values.take(pa.array(positions, pa.int64()))
-    return taken.combine_chunks() if isinstance(taken, (pa.ChunkedArray, pa.Table)) else taken
+        return taken.combine_chunks() if isinstance(taken, (pa.ChunkedArray, pa.Table)) else taken
+    if isinstance(values, pa.Table):
+        return pa.Table.from_arrays([_chunked_take(column, positions) for column in values.columns],
+                                    schema=values.schema)
+    return _chunked_take(values, positions) if isinstance(values, pa.ChunkedArray) else values.take(pa.array(positions))
+
+
+def _chunked_take(values: pa.ChunkedArray, positions: np.ndarray) -> pa.Array:
+    # chunk by chunk: Arrow's take on a chunked column joins every chunk first (0.84 s for 50,000 of 1,000,000 texts)
+    order = np.argsort(positions, kind="stable")
+    ascending = np.asarray(positions)[order]
+    bounds = np.cumsum([0, *(len(chunk) for chunk in values.chunks)])
+    starts, ends = np.searchsorted(ascending, bounds[:-1]), np.searchsorted(ascending, bounds[1:])
+    pieces = [chunk.take(pa.array(ascending[start:end] - first)) for chunk, first, start, end
+              in zip(values.chunks, bounds[:-1].tolist(), starts.tolist(), ends.tolist(), strict=True) if end > start]
+    taken = pa.concat_arrays(pieces) if pieces else pa.array([], values.type)
+    back = np.empty(len(order), np.int64)
+    back[order] = np.arange(len(order))
+    return taken.take(pa.array(back))
 
 
 def with_memo(positions: np.ndarray, memo: pa.Table | None, fresh: pa.Table, columns: list[str]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,14 @@ def rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending).combine_chunks()
 
 
+@dataclass(frozen=True)
+class EarlierRows:
+    """Rows [start, start + num_rows) of the earlier ingest artifact's data."""
+
+    start: int
+    num_rows: int
+
+
 class SourceFiles:
     """The files of the sources read whole, and what the previous ingest artifact of the same config holds of them."""
 
@@ -51,30 +60,30 @@ class SourceFiles:
         self.earlier, self.schema = earlier, schema
 
     @functools.cached_property
-    def _earlier_tables(self) -> tuple[pa.Table, pa.Table]:
+    def _earlier_quarantine(self) -> pa.Table:
         assert self.earlier is not None
-        return (layout.read_data(self.earlier).cast(self.schema),
-                pq.read_table(layout.quarantine_file(self.earlier)))
+        return pq.read_table(layout.quarantine_file(self.earlier))
 
     def tables(self, spec_number: int, source: str, read: FileReader, quarantine: list[dict[str, Any]]
-               ) -> Iterator[pa.Table]:
-        """Yield each file's rows of one source in file order, reused when the file is unchanged, else read."""
+               ) -> Iterator[pa.Table | EarlierRows]:
+        """Yield each file's rows of one source in file order: read, or where the file is unchanged, the place of its
+        rows in the earlier artifact (DataParts.write_earlier links or reads them, so they need not be read here)."""
         for path in resolve_files(source):
             label, digest = str(path), sha256_file(path)
             known = self.known.get((spec_number, label, digest))
             before = len(quarantine)
             if known is None:
-                table = read(label, spec_number, quarantine)
+                rows: pa.Table | EarlierRows = read(label, spec_number, quarantine)
             else:
-                data, rejected = self._earlier_tables
-                table = data.slice(known["offset"], known["rows"])
-                quarantine += rejected.slice(known["quarantine_offset"], known["quarantined"]).to_pylist()
-                self.reused += table.num_rows
+                rows = EarlierRows(known["offset"], known["rows"])
+                quarantine += self._earlier_quarantine.slice(known["quarantine_offset"], known["quarantined"]
+                                                             ).to_pylist()
+                self.reused += rows.num_rows
             self.files.append({"spec": spec_number, "file": label, "sha256": digest, "offset": self.rows_before,
-                               "rows": table.num_rows, "quarantine_offset": before,
+                               "rows": rows.num_rows, "quarantine_offset": before,
                                "quarantined": len(quarantine) - before, "reused": known is not None})
-            self.rows_before += table.num_rows
-            yield table
+            self.rows_before += rows.num_rows
+            yield rows
 
     def record(self) -> dict[str, Any]:
         """Give back what the manifest keeps: every file read, and how many rows came from the earlier artifact."""
