@@ -36,6 +36,7 @@ from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerpr
 from toolkit.language import identify_language, latin_share
 from toolkit.row_memo import KEY, MemoIndex, MemoWriter, changed_only, row_keys, rows_at, with_memo
 from toolkit.runner import map_batches
+from toolkit.tokenizer import token_counts
 
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -100,18 +101,6 @@ def _clean_conversations(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     for field, values in pd.DataFrame(fine.map(conversation_fields).tolist(), index=fine.index).items():
         frame.loc[fine.index, field] = values
     return (faults["reason"].reindex(frame.index, fill_value=""), faults["detail"].reindex(frame.index, fill_value=""))
-
-
-def token_counts(texts: list[str], batch: int = 1000) -> list[int]:
-    """Give back the GPT-2 token count of each text, tokenizing in batches."""
-    from toolkit.tokenizer import gpt2_encoder
-
-    backend = gpt2_encoder()
-    counts: list[int] = []
-    for start in range(0, len(texts), batch):
-        # the Rust tokenizer without offsets, and len() of each encoding: no id lists are built just to be counted
-        counts.extend(map(len, backend.encode_batch_fast(texts[start:start + batch], add_special_tokens=False)))
-    return counts
 
 
 def token_count_bounds(texts: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -243,15 +232,18 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
             for name, column in fingerprint_columns(*duplicates.fingerprints(
                     frame, (checked["reason"] == "").to_numpy())).items():
                 fresh = fresh.append_column(name, column)
-            columns = with_memo(positions, memo, fresh, memo_schema.names[1:])
-            columns.update({name: pc.coalesce(columns[name], batch.column(name)) for name in derived[:-2]})
+            raw = batch.filter(pa.array(positions < 0))
+            for name in derived[:-2]:  # the texts as the memo keeps them (reason and detail come last)
+                fresh = fresh.set_column(fresh.schema.get_field_index(name), name,
+                                         changed_only(fresh.column(name), raw.column(name)))
+            stored = with_memo(positions, memo, fresh, memo_schema.names[1:])
+            columns = {**stored, **{name: pc.coalesce(stored[name], batch.column(name)) for name in derived[:-2]}}
             duplicates.add_known(batch.column("id"), pc.equal(columns["reason"], "").to_numpy(zero_copy_only=False),
                                  *fingerprints_of(columns))
             writer.write_table(pa.Table.from_arrays(
                 [columns[name] if name in columns else batch.column(name) for name in staged_schema.names],
                 schema=staged_schema))
-            memo_out.write(keys, {**columns, **{name: changed_only(columns[name], batch.column(name))
-                                                for name in derived[:-2]}}, positions)  # texts: reason, detail last
+            memo_out.write(keys, stored, positions)
             reused += int((positions >= 0).sum())
     memo_out.close()
     staged = pa.ipc.open_file(pa.memory_map(str(staging))).read_all()
@@ -280,16 +272,12 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
     upstream = pq.ParquetFile(layout.quarantine_file(ingested)).metadata.num_rows
     removed = sum(dropped.values())
     total = kept + removed + upstream
-    duplicates_dropped = dropped.get("exact_duplicate", 0) + dropped.get("near_duplicate", 0)
-    return {
-        "rows": kept,
-        "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "duplicate_ratio": duplicates_dropped / max(kept + removed, 1),
-        "quarantined_upstream": upstream,
-        "quarantine_ratio": (removed + upstream) / total if total else 0.0,
-        "rows_reused": reused, "reused_from": earlier.name if earlier is not None and reused else None,
-        "parts": keep.parts, "parts_linked": keep.linked,
-    }
+    return {"rows": kept, "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "duplicate_ratio": (dropped.get("exact_duplicate", 0) + dropped.get("near_duplicate", 0))
+            / max(kept + removed, 1), "quarantined_upstream": upstream,
+            "quarantine_ratio": (removed + upstream) / total if total else 0.0, "rows_reused": reused,
+            "reused_from": earlier.name if earlier is not None and reused else None, "parts": keep.parts,
+            "parts_linked": keep.linked}
 
 
 @task(**step_task_options(STEP))

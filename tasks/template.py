@@ -163,6 +163,20 @@ def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table |
             np.concatenate(positions) if positions else np.zeros(0, np.int64), columns)
 
 
+def _rows_in_place(validated: Path, earlier: Path | None, splits: pa.Array) -> np.ndarray:
+    """Give back each row's row in the earlier build's data where it is the same row there (-1: not known): its
+    validated part is unchanged and its split stayed, so DataParts links such a part without reading it back."""
+    unchanged = layout.rows_in_unchanged_parts(validated, earlier)
+    in_place = np.full(len(splits), -1, np.int64)
+    if earlier is None or not unchanged.any():
+        return in_place
+    before = layout.read_data(earlier, columns=["split"]).column("split")
+    shared = min(len(before), len(splits))
+    same = unchanged[:shared] & pc.equal(splits.slice(0, shared), before.slice(0, shared)).to_numpy()
+    in_place[:shared] = np.where(same, np.arange(shared), -1)
+    return in_place
+
+
 def write_template(config: TemplateConfig, validated: Path, out: Path, batch_rows: int = 20_000,
                    runner: RunnerConfig | None = None, earlier: Path | None = None) -> dict[str, Any]:
     """Render the validated rows in Arrow batches into data.parquet (and row_memo.parquet); give back counts per split.
@@ -174,6 +188,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     memo = layout.read_memo(earlier)
     row_splits, positions, kept = _own_splits(table, config, memo, batch_rows)
     row_splits = pa.array(row_splits, pa.string())
+    in_place = _rows_in_place(validated, earlier, row_splits)
     pending: deque[tuple[int, pa.RecordBatch]] = deque()
 
     def unseen() -> Any:
@@ -196,7 +211,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
                        "split": row_splits.slice(start, batch.num_rows)}
             templated = pa.Table.from_arrays([columns[name] if name in columns else pa.array([""] * batch.num_rows)
                                               for name in TEMPLATED_SCHEMA.names], schema=TEMPLATED_SCHEMA)
-            writer.write_table(templated)
+            writer.write_table(templated, in_place[start:start + batch.num_rows])
             memo_out.write(kept["key"].slice(start, batch.num_rows), {
                 **{name: kept[name].slice(start, batch.num_rows) for name in ("builtin", "own_split", "passage")},
                 **columns}, where)

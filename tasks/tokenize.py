@@ -38,7 +38,7 @@ from data_checks import gate_process
 from data_checks import tokenized_suite as checks
 from data_checks.gate import GateFailed, raise_if_blocked
 from toolkit.conversations import CUTS, conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
-from toolkit.token_memo import TokenMemo
+from toolkit.token_memo import TokenMemo, rows_in_place
 from toolkit.token_stats import publish_report, tokenize_figures
 from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 
@@ -237,6 +237,7 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
     memo = TokenMemo(earlier, out, TOKENIZED_SCHEMA)
+    in_place, read = rows_in_place(bool(config.packing), templated, earlier), 0
     with DataParts(out, schema, earlier) as writer:
         batches = source.iter_batches(batch_size=config.batch_size, columns=["id", "split", "category", "prompt",
                                       "completion"] + [c for c in ("segments", "segment_kinds", "messages")
@@ -253,7 +254,11 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
                                min(token_range[2], int(labels.min())), max(token_range[3], int(labels.max()))]
             if config.packing:
                 tokenized = _packed_batch(tokenized, state, config.max_length)
-            writer.write_batch(tokenized)
+            # a conversation cut into windows shifts every later row: no row after it is known in place
+            in_place = in_place if in_place is not None and tokenized.num_rows == memo.rows_read - read else None
+            writer.write_table(pa.Table.from_batches([tokenized]),
+                               None if in_place is None else in_place[read:memo.rows_read])
+            read = memo.rows_read
         if state.get("carry") is not None and state["carry"].num_rows:
             writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
     written = layout.read_data(out, columns=["id", "split", "category", "length", "n_target", "truncated",

@@ -52,7 +52,7 @@ class TokenMemo:
         self.schema = schema
         self.writer = MemoWriter(out, pa.schema(
             [pa.field(KEY, pa.string()), *(schema.field(name) for name in KEPT)]), earlier)
-        self.reused = 0
+        self.reused = self.rows_read = 0
 
     def tokenized(self, batches: Iterable[pa.RecordBatch], tokenize: Callable[..., tuple[pa.RecordBatch, Any]],
                   config: Any, runner: RunnerConfig | None) -> Iterator[tuple[pa.RecordBatch, Any]]:
@@ -69,6 +69,7 @@ class TokenMemo:
 
         for fresh, cuts in map_batches(tokenize, unseen(), config, runner=runner, step="tokenize"):
             batch, keys, positions = pending.popleft()
+            self.rows_read += batch.num_rows
             rows = fresh if (positions < 0).all() else self._merged(batch, positions, fresh)
             pairs = pc.invert(pc.greater(pc.list_value_length(batch.column("segments")), 0)) \
                 if "segments" in batch.schema.names else pa.array(np.ones(batch.num_rows, bool))
@@ -94,3 +95,13 @@ class TokenMemo:
     def record(self) -> dict[str, Any]:
         return {"rows_reused": self.reused,
                 "reused_from": self.earlier.name if self.earlier is not None and self.reused else None}
+
+
+def rows_in_place(packing: bool, templated: Path, earlier: Path | None) -> np.ndarray | None:
+    """Give back each templated row's row in the earlier build's data where it is the same row there (-1: not known):
+    its templated part is unchanged. None where rows are not one per templated row (packed, or conversations cut)."""
+    before = layout.read_manifest(earlier) if earlier is not None else {}
+    if packing or not before or before.get("packing") or before.get("conversations_cut", 1):
+        return None
+    unchanged = layout.rows_in_unchanged_parts(templated, earlier)
+    return np.where(unchanged, np.arange(len(unchanged)), -1)
