@@ -32,7 +32,14 @@ from catalog.sections import CleanConfig, RunnerConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.conversations import conversation_fields
-from toolkit.dedup import TEXT_FIELDS, Duplicates, fingerprint_columns, fingerprint_fields, fingerprints_of
+from toolkit.dedup import (
+    TEXT_FIELDS,
+    Duplicates,
+    fingerprint_columns,
+    fingerprint_fields,
+    fingerprints_of,
+    settled_rows,
+)
 from toolkit.language import identify_language, latin_share
 from toolkit.row_memo import KEY, MemoIndex, MemoWriter, changed_only, row_keys, rows_at, with_memo
 from toolkit.runner import map_batches
@@ -247,7 +254,8 @@ def write_clean(config: CleanConfig, ingested: Path, out: Path, batch_rows: int 
             reused += int((positions >= 0).sum())
     memo_out.close()
     staged = pa.ipc.open_file(pa.memory_map(str(staging))).read_all()
-    marks = duplicates.finish(lambda rows: rows_at(staged.column("response"), rows).to_pylist())
+    marks = duplicates.finish(lambda rows: rows_at(staged.column("response"), rows).to_pylist(),
+                              *settled_rows(ingested, earlier))
     marked = np.array(sorted(marks), np.int64)
     kept, offset, dropped = 0, 0, {}
     with DataParts(out, schema, earlier) as keep, \

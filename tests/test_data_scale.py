@@ -256,3 +256,24 @@ def test_tokenize_batch_equals_fitting_each_example():
             assert row["length"] == len(ids) and row["n_target"] == sum(x != IGNORE_INDEX for x in labels)
     empty = tokenize_batch(batch.slice(0, 0), TokenizeConfig())
     assert empty.num_rows == 0 and empty.schema.field("input_ids").type == pa.list_(pa.int32())
+
+
+def test_near_duplicates_after_settled_rows_are_those_of_a_full_pass():
+    frame = _frame(900, seed=3)
+    config = CleanConfig(near_duplicate_min_words=3)
+
+    def finish(settled=0, settled_near=None):
+        duplicates = Duplicates(config)
+        for start in range(0, len(frame), 128):  # batches as clean hands them over
+            part = frame.iloc[start:start + 128].reset_index(drop=True)
+            duplicates.add(part, pd.Series([""] * len(part)))
+        return duplicates.finish(lambda rows: frame["response"].iloc[rows].tolist(), settled, settled_near)
+
+    full = finish()
+    assert sum(reason == "near_duplicate" for reason, _ in full.values()) >= 10
+    for settled in (1, 300, 899):
+        near = [(frame["id"][row], detail) for row, (reason, detail) in sorted(full.items())
+                if reason == "near_duplicate" and row < settled]
+        known = pa.table({"id": [i for i, _ in near], "detail": [d for _, d in near]}, schema=pa.schema(
+            [("id", pa.string()), ("detail", pa.string())]))
+        assert finish(settled, known) == full, settled

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from catalog import layout
 from catalog.sections import CleanConfig
+from toolkit.near_matches import first_matches, later_matches, shared_rows
+from toolkit.row_memo import rows_at
 
 # numpy, not datasketch: a whole batch's signatures in one matrix operation, not a MinHash object updated per row
 
 TEXT_FIELDS = ("instruction", "input", "response")
-_NON_WORD = re.compile(r"\W+")
 
 
 def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,21 +90,6 @@ def lsh_bands(threshold: float, num_perm: int, recall: float = 0.95) -> tuple[in
     return num_perm, 1
 
 
-def _answer_words(text: str) -> list[str]:
-    return _NON_WORD.sub(" ", text.lower()).split()
-
-
-def responses_match(first: list[str], second: list[str], min_words: int, threshold: float) -> bool:
-    """Tell whether two responses (as from _answer_words) say the same: equal words, or for long ones a Jaccard
-    of word 3-grams at the threshold."""
-    if first == second:
-        return True
-    if min(len(first), len(second)) < max(min_words, 3):
-        return False
-    grams = [set(zip(words, words[1:], words[2:], strict=False)) for words in (first, second)]
-    return len(grams[0] & grams[1]) >= threshold * len(grams[0] | grams[1])
-
-
 def _band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Give back a (texts, bands) uint64 key per LSH band: the band's values mixed into one number."""
     mix = np.frombuffer(hashlib.shake_128(b"itune lsh band").digest(8 * rows), "<u8") | np.uint64(1)
@@ -124,14 +112,6 @@ def signatures_of(texts: Sequence[str], config: CleanConfig) -> tuple[np.ndarray
                               config.near_duplicate_num_perm), compared
 
 
-def _shared(key_column: Callable[[int], np.ndarray], bands: int, n: int) -> np.ndarray:
-    """Give back which rows share at least one band key with another row."""
-    shared = np.zeros(n, bool)
-    for band in range(bands):  # a hash table per band: sorting a million keys per band cost several times more
-        shared |= pd.Index(key_column(band)).duplicated(keep=False)
-    return shared
-
-
 def first_of_same(keys: np.ndarray) -> np.ndarray:
     """Give back, for each 16-byte key, the first row holding the same key (by hash tables, not a sort)."""
     halves = np.ascontiguousarray(keys).view("<u8").reshape(len(keys), 2)
@@ -139,34 +119,6 @@ def first_of_same(keys: np.ndarray) -> np.ndarray:
     # numbered in order of first appearance: the n-th first appearance holds number n
     numbers = pd.factorize(high * (int(low.max(initial=0)) + 1) + low)[0]
     return np.flatnonzero(~pd.Index(numbers).duplicated())[numbers]
-
-
-def _first_matches(positions: np.ndarray, signatures: np.ndarray, keys: np.ndarray, config: CleanConfig,
-                   responses_of: Callable[[np.ndarray], list[str]]) -> dict[int, int]:
-    """Give back {row: earlier row it nearly duplicates} among rows `positions` (ascending) with their signatures.
-
-    A row is compared with the rows kept before it; of those whose estimated Jaccard of word 3-grams
-    reaches the threshold and whose response matches (see responses_match), the earliest is named, so the
-    answer never depends on hash or set order.
-    """
-    # the responses are split when a pair needs them: every looped row's word list at once cost more memory
-    responses = responses_of(positions)
-    buckets: list[dict[int, list[int]]] = [{} for _ in range(keys.shape[1])]
-    found: dict[int, int] = {}
-    for i, row_keys in enumerate(keys.tolist()):
-        # LSH buckets give candidates; the estimated Jaccard decides, so a bucket collision alone drops nothing
-        near = np.array(sorted({j for band, key in enumerate(row_keys) for j in buckets[band].get(key, ())}), int)
-        if len(near):
-            near = near[(signatures[near] == signatures[i]).mean(axis=1) >= config.near_duplicate_threshold]
-            match = next((j for j in near.tolist() if responses_match(
-                _answer_words(responses[i]), _answer_words(responses[j]), config.near_duplicate_min_words,
-                config.near_duplicate_threshold)), None)
-            if match is not None:
-                found[int(positions[i])] = int(positions[match])
-                continue
-        for band, key in enumerate(row_keys):
-            buckets[band].setdefault(key, []).append(i)
-    return found
 
 
 class Duplicates:
@@ -219,8 +171,13 @@ class Duplicates:
                                                                                self.band_rows)))
         self.rows += len(ids)
 
-    def finish(self, responses_of: Callable[[np.ndarray], list[str]]) -> dict[int, tuple[str, str]]:
-        """Give back {row: (reason, detail)} for the duplicate rows among those that passed every other check."""
+    def finish(self, responses_of: Callable[[np.ndarray], list[str]], settled: int = 0,
+               settled_near: pa.Table | None = None) -> dict[int, tuple[str, str]]:
+        """Give back {row: (reason, detail)} for the duplicate rows among those that passed every other check.
+
+        `settled`: the first rows are those of the last build, in its order, and `settled_near` (id, detail) its near
+        duplicates: their answers stand (toolkit/near_matches.py), and only the rows after them are compared.
+        """
         ids = pa.chunked_array(self.ids, pa.string())
         alive = np.concatenate(self.alive) if self.alive else np.zeros(0, bool)
         marks: dict[int, tuple[str, str]] = {}
@@ -228,15 +185,17 @@ class Duplicates:
             # the first row of each text, whatever became of it, is the one the others duplicate
             earlier = first_of_same(np.concatenate(self.exact_keys))
             rows = np.flatnonzero(alive & (earlier != np.arange(self.rows)))
-            names = ids.take(pa.array(earlier[rows])).to_pylist()
+            names = rows_at(ids, earlier[rows]).to_pylist()
             marks.update({row: ("exact_duplicate", "duplicate of " + name)
                           for row, name in zip(rows.tolist(), names, strict=True)})
             alive[rows] = False
-        if self.config.drop_near_duplicates and self.chunks:
+        if self.config.drop_near_duplicates and self.chunks and settled:
+            marks.update(self._later_near(ids, alive, settled, settled_near, responses_of))
+        elif self.config.drop_near_duplicates and self.chunks:
             # exact duplicates are out of the running; of the rest only rows sharing a band key go through the
             # row-by-row loop, so only their signatures are gathered out of the chunks (no full-size copies)
             still = [alive[positions] for positions, _, _ in self.chunks]
-            shared = _shared(lambda band: np.concatenate([keys[kept, band] for (_, _, keys), kept
+            shared = shared_rows(lambda band: np.concatenate([keys[kept, band] for (_, _, keys), kept
                                                           in zip(self.chunks, still, strict=True)]),
                              self.bands, sum(int(kept.sum()) for kept in still))
             looped, start = [], 0
@@ -246,12 +205,43 @@ class Duplicates:
                 looped.append((positions[kept][mine], signatures[kept][mine], keys[kept][mine]))
             # the response must match too: T0 asks several different questions about one long passage, and
             # those rows share nearly all their 3-grams while teaching different answers
-            found = _first_matches(*(np.concatenate(part) for part in zip(*looped, strict=True)), self.config,
-                                   responses_of)
-            names = ids.take(pa.array(list(found.values()), pa.int64())).to_pylist()
-            marks.update({row: ("near_duplicate", "near duplicate of " + name)
-                          for row, name in zip(found, names, strict=True)})
+            found = first_matches(*(np.concatenate(part) for part in zip(*looped, strict=True)), self.config,
+                                  responses_of)
+            marks.update(_near_marks(ids, found))
         return marks
+
+    def _later_near(self, ids: pa.ChunkedArray, alive: np.ndarray, settled: int, settled_near: pa.Table | None,
+                    responses_of: Callable[[np.ndarray], list[str]]) -> dict[int, tuple[str, str]]:
+        """Give back the near duplicates when the first `settled` rows and their answers are the last build's."""
+        marks: dict[int, tuple[str, str]] = {}
+        if settled_near is not None and settled_near.num_rows:
+            # among rows still in the running ids are unique: equal ids are equal texts, exact duplicates
+            running = np.flatnonzero(alive[:settled])
+            where = pc.index_in(settled_near.column("id"), value_set=rows_at(ids, running))
+            known = pc.is_valid(where)
+            rows = running[pc.filter(where, known).to_numpy().astype(np.int64)]
+            details = settled_near.column("detail").filter(known).to_pylist()
+            marks = {int(row): ("near_duplicate", detail) for row, detail in zip(rows, details, strict=True)}
+            alive[rows] = False
+        still = [alive[positions] for positions, _, _ in self.chunks]
+        positions = np.concatenate([p[kept] for (p, _, _), kept in zip(self.chunks, still, strict=True)])
+        keys = np.concatenate([k[kept] for (_, _, k), kept in zip(self.chunks, still, strict=True)])
+        bounds = np.cumsum([0, *(int(kept.sum()) for kept in still)])
+
+        def signatures_at(rows: np.ndarray) -> np.ndarray:  # rows ascending: gathered chunk by chunk, no full copy
+            gathered = np.empty((len(rows), self.config.near_duplicate_num_perm), np.uint32)
+            for (_, signatures, _), kept, first, last in zip(self.chunks, still, bounds[:-1], bounds[1:], strict=True):
+                start, end = np.searchsorted(rows, [first, last])
+                gathered[start:end] = signatures[np.flatnonzero(kept)[rows[start:end] - first]]
+            return gathered
+
+        found = later_matches(settled, positions, keys, signatures_at, self.config, responses_of)
+        return {**marks, **_near_marks(ids, found)}
+
+
+def _near_marks(ids: pa.ChunkedArray, found: dict[int, int]) -> dict[int, tuple[str, str]]:
+    names = rows_at(ids, np.array(list(found.values()), np.int64)).to_pylist()
+    return {row: ("near_duplicate", "near duplicate of " + name) for row, name in zip(found, names, strict=True)}
 
 
 FINGERPRINT_FIELDS = ("exact", "signature", "compared")
@@ -280,3 +270,14 @@ def fingerprints_of(columns: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarra
     width = signatures.type.list_size
     matrix = signatures.flatten().to_numpy().reshape(len(signatures), width)
     return keys, matrix, columns["compared"].to_numpy(zero_copy_only=False)
+
+
+def settled_rows(ingested: Path, earlier: Path | None) -> tuple[int, pa.Table | None]:
+    """Give back (how many leading rows of the ingest artifact `ingested` are those the earlier clean build read, in
+    their order; that build's near duplicates (id, detail)): what Duplicates.finish takes as settled."""
+    unchanged = layout.rows_in_unchanged_parts(ingested, earlier)
+    settled = len(unchanged) if unchanged.all() else int(np.argmin(unchanged))
+    if not settled or earlier is None:
+        return 0, None
+    dropped = pq.read_table(layout.quarantine_file(earlier), columns=["id", "reason", "detail"])
+    return settled, dropped.filter(pc.equal(dropped.column("reason"), "near_duplicate"))
