@@ -72,6 +72,12 @@ class DataRows:
             # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed
             yield from pq.ParquetFile(part, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
 
+    def read_part(self, index: int, columns: list[str] | None = None) -> Any:
+        """Give back the rows of one part file as a table (a part holds at most ROWS_PER_PART rows)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.parts[index], columns=columns)
+
 
 def rows_in_unchanged_parts(folder: Path, earlier: Path | None) -> Any:
     """Give back, for each data row of the artifact `folder`, whether its part file has the sha256 of the part of the

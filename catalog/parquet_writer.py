@@ -99,9 +99,9 @@ class DataParts(_EvenChunks):
     """
 
     def __init__(self, out: Path, schema: pa.Schema, earlier: Path | None = None, rows_per_part: int | None = None,
-                 name: str = layout.DATA, compression: str = COMPRESSION):
+                 name: str = layout.DATA, compression: str = COMPRESSION, dictionary: bool = True):
         super().__init__(rows_per_part or ROWS_PER_PART)
-        self.schema, self.folder, self.compression = schema, Path(out) / name, compression
+        self.schema, self.folder, self.compression, self.dictionary = schema, Path(out) / name, compression, dictionary
         self.folder.mkdir(parents=True, exist_ok=True)
         self.earlier = Path(earlier) / name if earlier is not None else None
         self.parts = self.linked = self.rows_emitted = 0
@@ -155,7 +155,8 @@ class DataParts(_EvenChunks):
             link_file(before, target)
             self.linked += 1
         else:
-            pq.write_table(chunk, target, row_group_size=max(chunk.num_rows, 1), compression=self.compression)
+            pq.write_table(chunk, target, row_group_size=max(chunk.num_rows, 1), compression=self.compression,
+                           use_dictionary=self.dictionary)
 
     def _finish(self) -> None:
         if not self.parts:  # no rows: still one (empty) part, which carries the schema

@@ -130,7 +130,7 @@ def _passages(column: pa.ListArray) -> list[tuple[bytes, ...]]:
     return passages
 
 
-def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table | None, batch_rows: int
+def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table | None
                 ) -> tuple[list[str], np.ndarray, dict[str, pa.Array]]:
     """Give back (every row's split over the whole table, each row's memo position, what the memo keeps of a row
     for the split): a row seen before takes its own split and passage from the memo, the rest are worked out."""
@@ -142,16 +142,22 @@ def _own_splits(table: layout.DataRows, config: TemplateConfig, memo: pa.Table |
     by_column = config.split_by not in ("auto", "instruction_input")
     positions, parts = [], []
     in_memo = MemoIndex(None if by_column else memo)
-    for batch in table.iter_batches(batch_rows, columns=needed):
+    # part by part, the texts read only for a part holding rows the memo does not know: the key and source decide
+    narrow = needed if memo is None or by_column else [name for name in ("id", "source", "messages")
+                                                       if name in table.schema_arrow.names]
+    for index in range(len(table.parts)):
+        batch = table.read_part(index, narrow)
         keys = row_keys(batch)
-        builtin = pc.starts_with(batch.column("source"), BUILTIN_SOURCE) if "source" in batch.schema.names \
-            else pa.array([False] * batch.num_rows)
+        builtin = pc.starts_with(batch.column("source"), BUILTIN_SOURCE).combine_chunks() \
+            if "source" in batch.schema.names else pa.array([False] * batch.num_rows)
         where = in_memo.positions(keys)
         if memo is not None and (where >= 0).any():  # the same text from the generator and a file splits apart
             where[(where >= 0) & (rows_at(memo.column("builtin"), np.maximum(where, 0)).to_numpy(
                 zero_copy_only=False) != builtin.to_numpy(zero_copy_only=False))] = -1
-        splits, passages = own_splits(batch.filter(pa.array(where < 0)).to_pandas(), config.split_by,
-                                      config.val_fraction, config.test_fraction)
+        unseen = batch if (where < 0).all() and narrow == needed else \
+            table.read_part(index, needed).filter(pa.array(where < 0)) if (where < 0).any() else None
+        splits, passages = own_splits(unseen.to_pandas(), config.split_by, config.val_fraction,
+                                      config.test_fraction) if unseen is not None else ([], [])
         fresh = pa.table({"own_split": pa.array(splits, pa.string()),
                           "passage": pa.array([list(p) for p in passages], pa.list_(pa.binary(8)))})
         parts.append({"key": keys, "builtin": builtin, **with_memo(where, memo, fresh, ["own_split", "passage"])})
@@ -186,7 +192,7 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     """
     table = layout.DataRows(validated)
     memo = layout.read_memo(earlier)
-    row_splits, positions, kept = _own_splits(table, config, memo, batch_rows)
+    row_splits, positions, kept = _own_splits(table, config, memo)
     row_splits = pa.array(row_splits, pa.string())
     in_place = _rows_in_place(validated, earlier, row_splits)
     pending: deque[tuple[int, pa.RecordBatch]] = deque()

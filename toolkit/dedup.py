@@ -249,7 +249,9 @@ FINGERPRINT_FIELDS = ("exact", "signature", "compared")
 
 def fingerprint_fields(num_perm: int) -> list[pa.Field]:
     """Give back the Arrow fields a row memo keeps a row's fingerprints in (see Duplicates.fingerprints)."""
-    return [pa.field("exact", pa.binary(16)), pa.field("signature", pa.list_(pa.uint32(), num_perm)),
+    # the signature as num_perm little-endian uint32 in one fixed-size value: Parquet reads that back without the
+    # repetition levels of a list (the memo of 1,000,000 rows: 1.4 s as a list)
+    return [pa.field("exact", pa.binary(16)), pa.field("signature", pa.binary(4 * num_perm)),
             pa.field("compared", pa.bool_())]
 
 
@@ -257,8 +259,8 @@ def fingerprint_columns(exact: np.ndarray, signatures: np.ndarray, compared: np.
     """Give back Duplicates.fingerprints' arrays as Arrow columns."""
     return {"exact": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(exact), [None, pa.py_buffer(
                 exact.tobytes())]),
-            "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel(), pa.uint32()),
-                                                           signatures.shape[1]),
+            "signature": pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * signatures.shape[1]), len(signatures), [
+                None, pa.py_buffer(np.ascontiguousarray(signatures, "<u4").tobytes())]),
             "compared": pa.array(compared, pa.bool_())}
 
 
@@ -267,8 +269,9 @@ def fingerprints_of(columns: dict[str, pa.Array]) -> tuple[np.ndarray, np.ndarra
     exact = columns["exact"]
     keys = np.frombuffer(exact.buffers()[1], "V16", count=len(exact), offset=exact.offset * 16)
     signatures = columns["signature"]
-    width = signatures.type.list_size
-    matrix = signatures.flatten().to_numpy().reshape(len(signatures), width)
+    size = signatures.type.byte_width
+    matrix = np.frombuffer(signatures.buffers()[1], "<u4", count=len(signatures) * size // 4,
+                           offset=signatures.offset * size).reshape(len(signatures), size // 4).astype(np.uint32)
     return keys, matrix, columns["compared"].to_numpy(zero_copy_only=False)
 
 

@@ -123,10 +123,10 @@ class MemoWriter:
     """Writes a step's row memo batch by batch: every row, in table order (see MemoIndex)."""
 
     def __init__(self, out: Path, schema: pa.Schema, earlier: Path | None = None):
-        # in parts (the earlier build's linked where equal) and uncompressed: a memo is read back whole by the next
-        # build only, and snappy made writing and reading it 3-6x slower (template's 194,000 rows: 0.45 s against
-        # 0.08 s to write) for a third less disk
-        self.writer = DataParts(out, schema, earlier, name=layout.ROW_MEMO, compression="none")
+        # in parts (the earlier build's linked where equal), uncompressed and without dictionaries: a memo is read
+        # back whole by the next build only, and snappy made writing and reading it 3-6x slower (template's 194,000
+        # rows: 0.45 s against 0.08 s to write) for a third less disk; its keys and texts are mostly distinct
+        self.writer = DataParts(out, schema, earlier, name=layout.ROW_MEMO, compression="none", dictionary=False)
         self.schema = schema
 
     def write(self, keys: pa.Array, columns: dict[str, pa.Array], earlier_rows: np.ndarray) -> None:
