@@ -64,13 +64,21 @@ class DataRows:
 
         return pq.read_schema(self.parts[0])
 
-    def iter_batches(self, batch_size: int, columns: list[str] | None = None) -> Any:
-        """Yield the rows as Arrow record batches of at most `batch_size` rows (none spans two parts)."""
+    @functools.cached_property
+    def part_rows(self) -> list[int]:
+        """How many rows each part holds (from the files' footers)."""
         import pyarrow.parquet as pq
 
-        for part in self.parts:
+        return [pq.ParquetFile(part).metadata.num_rows for part in self.parts]
+
+    def iter_batches(self, batch_size: int, columns: list[str] | None = None, part: int | None = None) -> Any:
+        """Yield the rows (of one part, if given) as Arrow record batches of at most `batch_size` rows (none spans
+        two parts)."""
+        import pyarrow.parquet as pq
+
+        for file in self.parts if part is None else [self.parts[part]]:
             # pre_buffer=False: with it, Arrow keeps every byte it has read until the file is closed
-            yield from pq.ParquetFile(part, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
+            yield from pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
 
     def read_part(self, index: int, columns: list[str] | None = None) -> Any:
         """Give back the rows of one part file as a table (a part holds at most ROWS_PER_PART rows)."""
@@ -116,13 +124,14 @@ def memo_file(folder: Path) -> Path:
     return Path(folder) / ROW_MEMO
 
 
-def read_memo(folder: Path | None) -> Any:
-    """Give back an artifact's row memo as a pyarrow Table, or None when there is no such artifact or memo."""
+def read_memo(folder: Path | None, columns: list[str] | None = None) -> Any:
+    """Give back an artifact's row memo (those columns) as a pyarrow Table, or None when there is no such artifact
+    or memo."""
     if folder is None or not memo_file(folder).exists():
         return None
     # a chunk per part, not joined into one: rows are mostly sliced from it in order (toolkit.row_memo.rows_at), and
     # joining copied template's 554 MB memo of 1,000,000 rows for 1.5 s
-    return _read_parts(parts_of(memo_file(folder)))
+    return _read_parts(parts_of(memo_file(folder)), columns)
 
 
 def data_docs_index(folder: Path) -> Path:

@@ -29,7 +29,7 @@ from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
 from toolkit.chat_template import chat_template_for, conversation_columns, is_chat, row_messages
-from toolkit.row_memo import KEY, MemoIndex, MemoWriter, row_keys, rows_at, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoParts, MemoWriter, row_keys, rows_at, with_memo
 from toolkit.runner import map_batches
 from toolkit.split_groups import BUILTIN_SOURCE, joined_splits, own_splits, table_splits
 
@@ -191,38 +191,52 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     are decided over the whole table again, so a new row joining an old passage moves its group as a full run would.
     """
     table = layout.DataRows(validated)
-    memo = layout.read_memo(earlier)
+    memo = layout.read_memo(earlier, [KEY, "builtin", "own_split", "passage"])
     row_splits, positions, kept = _own_splits(table, config, memo)
     row_splits = pa.array(row_splits, pa.string())
-    in_place = _rows_in_place(validated, earlier, row_splits)
-    pending: deque[tuple[int, pa.RecordBatch]] = deque()
+    in_place, rendered_before = _rows_in_place(validated, earlier, row_splits), MemoParts(earlier)
+    pending: deque[tuple[int, int, pa.RecordBatch | None]] = deque()
 
     def unseen() -> Any:
         start = 0
-        for batch in table.iter_batches(batch_size=batch_rows):
-            pending.append((start, batch))
-            fresh = pa.array(positions[start:start + batch.num_rows] < 0)
-            yield batch.append_column("split", row_splits.slice(start, batch.num_rows)).filter(fresh)
-            start += batch.num_rows
+        for part, rows in enumerate(table.part_rows):
+            span = np.arange(start, start + rows)
+            if rows and (in_place[start:start + rows] == span).all() and (positions[start:start + rows] == span).all():
+                # the earlier build's rows and memo rows in their places: linked (or copied), neither read nor rendered
+                pending.append((start, rows, None))
+                yield pa.record_batch({"id": pa.array([], pa.string())})
+                start += rows
+                continue
+            for batch in table.iter_batches(batch_rows, part=part):
+                pending.append((start, batch.num_rows, batch))
+                fresh = pa.array(positions[start:start + batch.num_rows] < 0)
+                yield batch.append_column("split", row_splits.slice(start, batch.num_rows)).filter(fresh)
+                start += batch.num_rows
 
     splits: dict[str, int] = {}
     memo_out = MemoWriter(out, MEMO_SCHEMA, earlier)
     with DataParts(out, TEMPLATED_SCHEMA, earlier) as writer:
         for rendered in map_batches(template_batch, unseen(), config, runner=runner, step="template"):
-            start, batch = pending.popleft()
-            where = positions[start:start + batch.num_rows]
-            columns = {**with_memo(where, memo, rendered, RENDERED),
+            start, rows, batch = pending.popleft()
+            for entry in row_splits.slice(start, rows).value_counts().to_pylist():
+                splits[entry["values"]] = splits.get(entry["values"], 0) + entry["counts"]
+            if batch is None:
+                writer.write_earlier(start, rows)
+                memo_out.write_earlier(start, rows)
+                continue
+            where = positions[start:start + rows]
+            seen = where >= 0
+            before = rendered_before.rows(where[seen], RENDERED) if seen.any() else None
+            columns = {**with_memo(np.where(seen, np.cumsum(seen) - 1, -1), before, rendered, RENDERED),
                        **{name: batch.column(name).cast(TEMPLATED_SCHEMA.field(name).type)
                           for name in TEMPLATED_SCHEMA.names if name in batch.schema.names},
-                       "split": row_splits.slice(start, batch.num_rows)}
-            templated = pa.Table.from_arrays([columns[name] if name in columns else pa.array([""] * batch.num_rows)
+                       "split": row_splits.slice(start, rows)}
+            templated = pa.Table.from_arrays([columns[name] if name in columns else pa.array([""] * rows)
                                               for name in TEMPLATED_SCHEMA.names], schema=TEMPLATED_SCHEMA)
-            writer.write_table(templated, in_place[start:start + batch.num_rows])
-            memo_out.write(kept["key"].slice(start, batch.num_rows), {
-                **{name: kept[name].slice(start, batch.num_rows) for name in ("builtin", "own_split", "passage")},
+            writer.write_table(templated, in_place[start:start + rows])
+            memo_out.write(kept["key"].slice(start, rows), {
+                **{name: kept[name].slice(start, rows) for name in ("builtin", "own_split", "passage")},
                 **columns}, where)
-            for entry in templated.column("split").value_counts().to_pylist():
-                splits[entry["values"]] = splits.get(entry["values"], 0) + entry["counts"]
     memo_out.close()
     parts = template_parts(config)
     return {"rows": int(len(positions)), "splits": dict(sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))),

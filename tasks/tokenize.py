@@ -261,13 +261,14 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
             read = memo.rows_read
         if state.get("carry") is not None and state["carry"].num_rows:
             writer.write_batch(pack_rows(state["carry"], config.max_length, close_last=True)[0])
-    written = layout.read_data(out, columns=["id", "split", "category", "length", "n_target", "truncated",
-                                             "n_target_lost"]).to_pandas()
+    written_rows = layout.read_data(out, columns=["id", "split", "category", "length", "n_target", "truncated",
+                                                  "n_target_lost"])
+    written = written_rows.to_pandas()
     stats: dict[str, Any] = {**tokenize_figures(written, counts, config),
                              "min_token_id": token_range[0], "max_token_id": token_range[1],
                              "min_label": token_range[2], "max_label": token_range[3]}
     stats["packing"], stats["packing_reason"] = bool(config.packing), packing_reason
-    stats["repeated_ids"] = int(written["id"].duplicated().sum())
+    stats["repeated_ids"] = written_rows.num_rows - pc.count_distinct(written_rows.column("id")).as_py()
     if config.packing:
         train = written[written["split"] == "train"]
         stats["packed_examples"] = state.get("examples", 0)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from catalog import layout
 from catalog.parquet_writer import DataParts
@@ -119,6 +120,31 @@ def with_memo(positions: np.ndarray, memo: pa.Table | None, fresh: pa.Table, col
             for c in columns}
 
 
+class MemoParts:
+    """An earlier memo read a part at a time, only the parts and columns asked for (the last part read is kept)."""
+
+    def __init__(self, folder: Path | None):
+        memo = layout.memo_file(folder) if folder is not None else None
+        self.parts = layout.parts_of(memo) if memo is not None and memo.exists() else []
+        self.bounds = np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in self.parts)])
+        self._kept: tuple[tuple[int, tuple[str, ...]], pa.Table] | None = None
+
+    def rows(self, positions: np.ndarray, columns: list[str]) -> pa.Table:
+        """Give back the memo rows at `positions` (each >= 0), those columns."""
+        numbers = np.searchsorted(self.bounds, positions, side="right") - 1
+        wanted = np.unique(numbers).tolist()
+        tables = [self._part(number, columns) for number in wanted]
+        starts = np.cumsum([0, *(table.num_rows for table in tables)])
+        local = positions - self.bounds[numbers] + starts[np.searchsorted(wanted, numbers)]
+        return rows_at(pa.concat_tables(tables), local) if tables else pa.table(
+            {name: pa.array([]) for name in columns})
+
+    def _part(self, number: int, columns: list[str]) -> pa.Table:
+        if self._kept is None or self._kept[0] != (number, tuple(columns)):
+            self._kept = (number, tuple(columns)), pq.read_table(self.parts[number], columns=columns)
+        return self._kept[1]
+
+
 class MemoWriter:
     """Writes a step's row memo batch by batch: every row, in table order (see MemoIndex)."""
 
@@ -134,6 +160,10 @@ class MemoWriter:
         earlier memo that it was taken from (-1: derived here): a part of rows taken in place is linked unread."""
         self.writer.write_table(pa.Table.from_arrays(
             [keys, *(columns[name] for name in self.schema.names[1:])], schema=self.schema), earlier_rows)
+
+    def write_earlier(self, start: int, count: int) -> None:
+        """Add rows [start, start + count) of the earlier memo as they are (see DataParts.write_earlier)."""
+        self.writer.write_earlier(start, count)
 
     def close(self) -> None:
         self.writer.close()
