@@ -38,8 +38,8 @@ from data_checks import gate_process
 from data_checks import tokenized_suite as checks
 from data_checks.gate import GateFailed, raise_if_blocked
 from toolkit.conversations import CUTS, conversation_batch, fit_example  # noqa: F401 - fit_example: tokenize's rule
-from toolkit.token_memo import TokenMemo, rows_in_place
-from toolkit.token_stats import publish_report, tokenize_figures
+from toolkit.token_memo import EarlierFigures, InPlace, TokenMemo, batch_figures, rows_in_place
+from toolkit.token_stats import decide_packing, publish_report, tokenize_figures
 from toolkit.tokenizer import GPT2_VOCAB_SIZE, IGNORE_INDEX, gpt2_encoder
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -201,27 +201,6 @@ def _packed_batch(tokenized: pa.RecordBatch, state: dict[str, Any], max_length: 
 STEP = Step("tokenize", __name__, libraries=("tokenizers", "transformers", "pyarrow"))
 
 
-def decide_packing(config: TokenizeConfig, templated: Path) -> tuple[bool, str]:
-    """Give back (whether to pack the train split, why), deciding `packing: auto` from the templated text.
-
-    A random batch padded to its longest row wastes about 1 - mean/p95 of its tokens; packing pays when
-    that share reaches `min_packing_waste`. Lengths are estimated from characters (about 4 per GPT-2
-    token), so the decision costs one pass over two string columns, not a tokenization.
-    """
-    if config.packing != "auto":
-        return bool(config.packing), f"tokenize.packing={str(config.packing).lower()}"
-    table = layout.read_data(templated, columns=["split", "prompt", "completion"], filters=[("split", "=", "train")])
-    if table.num_rows == 0:
-        return False, "auto: no train rows"
-    chars = pc.add(pc.utf8_length(table["prompt"]), pc.utf8_length(table["completion"])).to_numpy()
-    tokens = np.minimum(chars / 4.0, config.max_length)
-    waste = 1 - float(tokens.mean()) / max(float(np.quantile(tokens, 0.95)), 1.0)
-    verdict = waste >= config.min_packing_waste
-    compared = ">=" if verdict else "<"
-    return verdict, (f"auto: a padded batch would waste about {waste:.0%} of its tokens ({compared} "
-                     f"{config.min_packing_waste:.0%}): {'packed' if verdict else 'not packed'}")
-
-
 def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: RunnerConfig | None = None,
                    earlier: Path | None = None) -> dict[str, Any]:
     """Stream the templated rows through the tokenizer in Arrow batches, gate them; give back statistics.
@@ -237,21 +216,36 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
     memo = TokenMemo(earlier, out, TOKENIZED_SCHEMA)
-    in_place, read = rows_in_place(bool(config.packing), templated, earlier), 0
+    in_place, read, figures_before = rows_in_place(bool(config.packing), templated, earlier), 0, EarlierFigures(earlier)
+    columns = ["id", "split", "category", "prompt", "completion"] + [
+        name for name in ("segments", "segment_kinds", "messages") if name in source.schema_arrow.names]
+    empty = source.schema_arrow.empty_table().select(columns).to_batches(max_chunksize=1) or [
+        pa.RecordBatch.from_pylist([], schema=pa.schema([source.schema_arrow.field(name) for name in columns]))]
+
+    def batches() -> Any:
+        start, settled = 0, in_place
+        for part, rows in enumerate(source.part_rows):
+            if settled is not None and rows and (settled[start:start + rows] == np.arange(start, start + rows)).all():
+                yield InPlace(start, rows, empty[0])  # a templated part as it was: its tokenized part is linked
+            else:
+                yield from source.iter_batches(batch_size=config.batch_size, columns=columns, part=part)
+            start += rows
+
     with DataParts(out, schema, earlier) as writer:
-        batches = source.iter_batches(batch_size=config.batch_size, columns=["id", "split", "category", "prompt",
-                                      "completion"] + [c for c in ("segments", "segment_kinds", "messages")
-                                                       if c in source.schema_arrow.names])
-        for tokenized, batch_cuts in memo.tokenized(batches, tokenize_counted, config, runner):
-            for name, count in (*batch_cuts.items(), ("examples", tokenized.num_rows),
-                                ("truncated", np.sum(tokenized.column("truncated").to_numpy(zero_copy_only=False))),
-                                ("zero_target", (tokenized.column("n_target").to_numpy() == 0).sum())):
+        for tokenized, batch_cuts in memo.tokenized(batches(), tokenize_counted, config, runner):
+            figures = figures_before.of(tokenized.start, tokenized.num_rows) if isinstance(tokenized, InPlace) \
+                else batch_figures(tokenized)
+            for name, count in (*batch_cuts.items(), *((n, figures[n]) for n in ("examples", "truncated",
+                                                                                  "zero_target"))):
                 counts[name] += int(count)
-            ids = tokenized.column("input_ids").values.to_numpy()
-            labels = tokenized.column("labels").values.to_numpy()
-            if len(ids):
-                token_range = [min(token_range[0], int(ids.min())), max(token_range[1], int(ids.max())),
-                               min(token_range[2], int(labels.min())), max(token_range[3], int(labels.max()))]
+            if "min_input_ids" in figures:
+                token_range = [min(token_range[0], figures["min_input_ids"]),
+                               max(token_range[1], figures["max_input_ids"]),
+                               min(token_range[2], figures["min_labels"]), max(token_range[3], figures["max_labels"])]
+            if isinstance(tokenized, InPlace):
+                writer.write_earlier(tokenized.start, tokenized.num_rows)
+                read = memo.rows_read
+                continue
             if config.packing:
                 tokenized = _packed_batch(tokenized, state, config.max_length)
             # a conversation cut into windows shifts every later row: no row after it is known in place

@@ -8,7 +8,7 @@ import pytest
 
 import catalog.parquet_writer as writer_module
 from catalog import layout
-from toolkit.row_memo import KEY, MemoIndex, MemoWriter, rows_at, with_memo
+from toolkit.row_memo import KEY, MemoIndex, MemoParts, MemoWriter, rows_at, with_memo
 
 SCHEMA = pa.schema([(KEY, pa.string()), ("derived", pa.string())])
 
@@ -80,3 +80,15 @@ def test_rows_at_takes_across_chunks_in_any_order():
     table = pa.table({"x": chunked})
     assert rows_at(table, np.array([2, 4])).column("x").to_pylist() == ["c", "e"]
     assert rows_at(chunked, np.array([], np.int64)).to_pylist() == []
+
+
+def test_memo_parts_reads_only_the_parts_holding_the_rows_asked_for(tmp_path, monkeypatch):
+    keys = [f"k{i}" for i in range(10)]
+    _write_memo(tmp_path / "memo", keys)  # parts of 4 rows: k0-k3, k4-k7, k8-k9
+    read = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: read.append(path.name) or real(path, *a, **k))
+    rows = MemoParts(tmp_path / "memo").rows(np.array([9, 1, 8]), ["derived"])
+    assert rows.column("derived").to_pylist() == ["from k9", "from k1", "from k8"]
+    assert sorted(read) == ["part-00000.parquet", "part-00002.parquet"]
+    assert MemoParts(None).parts == []

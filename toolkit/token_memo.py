@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from catalog import layout
 from catalog.sections import RunnerConfig
-from toolkit.row_memo import KEY, MemoIndex, MemoWriter, row_keys, rows_at, with_memo
+from toolkit.conversations import CUTS
+from toolkit.row_memo import KEY, MemoIndex, MemoParts, MemoWriter, row_keys, with_memo
 from toolkit.runner import map_batches
 from toolkit.tokenizer import IGNORE_INDEX
 
@@ -61,13 +64,22 @@ def _has_conversations(batch: pa.RecordBatch) -> bool:
         pc.list_value_length(batch.column("segments")), 0)).as_py())
 
 
+@dataclass(frozen=True)
+class InPlace:
+    """Templated rows [start, start + num_rows) that the earlier build tokenized into the same places, as were its memo
+    rows (see rows_in_place): their tokenized rows and memo rows are the earlier build's, linked, not read."""
+
+    start: int
+    num_rows: int
+    empty: pa.RecordBatch  # what passes through the runner in their stead (the templated columns, no rows)
+
+
 class TokenMemo:
     """The memo a tokenize build reads (`earlier`: a tokenize artifact of the same recipe) and the one it writes."""
 
     def __init__(self, earlier: Path | None, out: Path, schema: pa.Schema):
         self.earlier = earlier
-        self.memo = layout.read_memo(earlier)
-        self.index = MemoIndex(self.memo)
+        self.index, self.before = MemoIndex(layout.read_memo(earlier, [KEY])), MemoParts(earlier)
         self.schema = schema
         # the ids as one binary value per row, their int32 bytes: Parquet reads that back several times faster than a
         # list, which carries repetition levels (input_ids of 1,000,000 rows: 2.0 s as a list)
@@ -75,13 +87,20 @@ class TokenMemo:
                                                  *(schema.field(name) for name in KEPT[1:])]), earlier)
         self.reused = self.rows_read = 0
 
-    def tokenized(self, batches: Iterable[pa.RecordBatch], tokenize: Callable[..., tuple[pa.RecordBatch, Any]],
-                  config: Any, runner: RunnerConfig | None) -> Iterator[tuple[pa.RecordBatch, Any]]:
-        """Yield `tokenize(batch, config)` of each batch, in order: rows in the memo from it, the rest on `runner`."""
-        pending: deque[tuple[pa.RecordBatch, pa.Array, np.ndarray]] = deque()
+    def tokenized(self, batches: Iterable[pa.RecordBatch | InPlace],
+                  tokenize: Callable[..., tuple[pa.RecordBatch, Any]], config: Any, runner: RunnerConfig | None
+                  ) -> Iterator[tuple[pa.RecordBatch | InPlace, Any]]:
+        """Yield `tokenize(batch, config)` of each batch, in order: rows in the memo from it, the rest on `runner`;
+        an InPlace as it is (its memo rows linked)."""
+        pending: deque[tuple[Any, Any, Any]] = deque()
 
         def unseen() -> Iterator[pa.RecordBatch]:
             for batch in batches:
+                if isinstance(batch, InPlace):
+                    self.index.next = batch.start + batch.num_rows  # its memo rows are its rows, in their places
+                    pending.append((batch, None, None))
+                    yield batch.empty
+                    continue
                 keys = row_keys(batch)
                 whole = _has_conversations(batch)
                 positions = np.full(batch.num_rows, -1, np.int64) if whole else self.index.positions(keys)
@@ -91,6 +110,11 @@ class TokenMemo:
         for fresh, cuts in map_batches(tokenize, unseen(), config, runner=runner, step="tokenize"):
             batch, keys, positions = pending.popleft()
             self.rows_read += batch.num_rows
+            if isinstance(batch, InPlace):
+                self.writer.write_earlier(batch.start, batch.num_rows)
+                self.reused += batch.num_rows
+                yield batch, dict.fromkeys(CUTS, 0)
+                continue
             rows = fresh if (positions < 0).all() else self._merged(batch, positions, fresh)
             pairs = pc.invert(pc.greater(pc.list_value_length(batch.column("segments")), 0)) \
                 if "segments" in batch.schema.names else pa.array(np.ones(batch.num_rows, bool))
@@ -104,9 +128,8 @@ class TokenMemo:
         self.writer.close()
 
     def _merged(self, batch: pa.RecordBatch, positions: np.ndarray, fresh: pa.RecordBatch) -> pa.RecordBatch:
-        assert self.memo is not None
         seen = positions >= 0
-        known = rows_at(self.memo, positions[seen])
+        known = self.before.rows(positions[seen], KEPT)
         ids = _bytes_as_ids(known.column("input_ids").chunk(0))
         known = known.set_column(known.schema.get_field_index("input_ids"), "input_ids", ids).append_column(
             "labels", pair_labels(ids, known.column("n_target").to_numpy()))
@@ -126,5 +149,69 @@ def rows_in_place(packing: bool, templated: Path, earlier: Path | None) -> np.nd
     before = layout.read_manifest(earlier) if earlier is not None else {}
     if packing or not before or before.get("packing") or before.get("conversations_cut", 1):
         return None
+    if MemoParts(earlier).bounds[-1] != before.get("examples"):  # a conversation row: memo rows out of step
+        return None
     unchanged = layout.rows_in_unchanged_parts(templated, earlier)
     return np.where(unchanged, np.arange(len(unchanged)), -1)
+
+
+def batch_figures(rows: pa.RecordBatch) -> dict[str, int]:
+    """Give back what write_tokenize counts of tokenized rows: examples, truncated, zero_target, and their token ids'
+    and labels' range (min_input_ids, ..., absent without tokens)."""
+    return {"examples": rows.num_rows, **_counted(rows), **_token_ranges(rows)}
+
+
+def _counted(rows: Any) -> dict[str, int]:
+    return {"truncated": int(pc.sum(rows.column("truncated")).as_py() or 0),
+            "zero_target": int(pc.sum(pc.equal(rows.column("n_target"), 0)).as_py() or 0)}
+
+
+def _token_ranges(rows: Any) -> dict[str, int]:
+    ranges = {}
+    for name in ("input_ids", "labels"):
+        values = pc.list_flatten(rows.column(name))
+        if len(values):
+            low, high = pc.min_max(values).values()
+            ranges |= {f"min_{name}": low.as_py(), f"max_{name}": high.as_py()}
+    return ranges
+
+
+def _footer_ranges(file: pq.ParquetFile) -> dict[str, int] | None:
+    """Give back a one-row-group part's token id and label range from its footer's statistics (None: not there)."""
+    ranges = {}
+    group = file.metadata.row_group(0)
+    for index in range(group.num_columns):
+        column = group.column(index)
+        name = column.path_in_schema.split(".")[0]
+        if name in ("input_ids", "labels") and column.num_values:
+            stats = column.statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            ranges |= {f"min_{name}": stats.min, f"max_{name}": stats.max}
+    return ranges
+
+
+class EarlierFigures:
+    """batch_figures of rows of the earlier build's data, from two small columns and, for whole parts, the token
+    ranges Parquet keeps in each part's footer (the token ids themselves are not read)."""
+
+    def __init__(self, earlier: Path | None):
+        self.parts = layout.data_parts(earlier) if earlier is not None else []
+        self.bounds = np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in self.parts)])
+
+    def of(self, start: int, count: int) -> dict[str, int]:
+        figures: dict[str, int] = {"examples": count, "truncated": 0, "zero_target": 0}
+        for number in range(int(np.searchsorted(self.bounds, start, side="right")) - 1, len(self.parts)):
+            first, last = max(start, int(self.bounds[number])), min(start + count, int(self.bounds[number + 1]))
+            if first >= last:
+                break
+            file = pq.ParquetFile(self.parts[number])
+            whole = (first, last) == (self.bounds[number], self.bounds[number + 1])
+            footer = _footer_ranges(file) if whole and file.metadata.num_row_groups == 1 else None
+            rows = file.read(columns=["truncated", "n_target"] + (["input_ids", "labels"] if footer is None else []))
+            rows = rows.slice(first - int(self.bounds[number]), last - first)
+            for name, value in _counted(rows).items():
+                figures[name] += value
+            for name, value in (footer if footer is not None else _token_ranges(rows)).items():
+                figures[name] = (min if name.startswith("min") else max)(figures.get(name, value), value)
+        return figures

@@ -1,15 +1,20 @@
 """What the tokenize step measured: the figures its manifest and gate hold, and the report a user reads in Prefect.
 
 The figures come from the rows as written (after any packing) and from counts taken batch by batch before
-packing (examples, truncations, what cutting long conversations did: toolkit.conversations.CUTS).
+packing (examples, truncations, what cutting long conversations did: toolkit.conversations.CUTS). Whether to pack
+at all (`decide_packing`) is settled from the templated text before any row is tokenized.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
+from catalog import layout
 from catalog.sections import TokenizeConfig
 
 REPORT_KEY = "itune-tokenize-report"
@@ -57,3 +62,24 @@ def publish_report(figures: dict[str, Any], where: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(report_markdown(figures), key=REPORT_KEY, description=f"tokenize figures, {where}")
+
+
+def decide_packing(config: TokenizeConfig, templated: Path) -> tuple[bool, str]:
+    """Give back (whether to pack the train split, why), deciding `packing: auto` from the templated text.
+
+    A random batch padded to its longest row wastes about 1 - mean/p95 of its tokens; packing pays when
+    that share reaches `min_packing_waste`. Lengths are estimated from characters (about 4 per GPT-2
+    token), so the decision costs one pass over two string columns, not a tokenization.
+    """
+    if config.packing != "auto":
+        return bool(config.packing), f"tokenize.packing={str(config.packing).lower()}"
+    table = layout.read_data(templated, columns=["split", "prompt", "completion"], filters=[("split", "=", "train")])
+    if table.num_rows == 0:
+        return False, "auto: no train rows"
+    chars = pc.add(pc.utf8_length(table["prompt"]), pc.utf8_length(table["completion"])).to_numpy()
+    tokens = np.minimum(chars / 4.0, config.max_length)
+    waste = 1 - float(tokens.mean()) / max(float(np.quantile(tokens, 0.95)), 1.0)
+    verdict = waste >= config.min_packing_waste
+    compared = ">=" if verdict else "<"
+    return verdict, (f"auto: a padded batch would waste about {waste:.0%} of its tokens ({compared} "
+                     f"{config.min_packing_waste:.0%}): {'packed' if verdict else 'not packed'}")
