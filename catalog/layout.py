@@ -27,7 +27,7 @@ METRICS = "metrics.json"  # evaluate's figures
 REPORT = "report.md"
 LOSS_CURVE = "loss_curve.png"
 SAMPLES = "samples.parquet"
-# what a data step derived for each distinct row (keyed by toolkit.row_memo.row_keys), so the next build of the
+# what a data step derived for each row (keyed by toolkit.row_memo.row_keys), in table order, so the next build of the
 # same step on grown data redoes only the rows it has not seen
 ROW_MEMO = "row_memo.parquet"
 

@@ -92,3 +92,16 @@ def test_memo_parts_reads_only_the_parts_holding_the_rows_asked_for(tmp_path, mo
     assert rows.column("derived").to_pylist() == ["from k9", "from k1", "from k8"]
     assert sorted(read) == ["part-00000.parquet", "part-00002.parquet"]
     assert MemoParts(None).parts == []
+
+
+def test_memo_parts_reads_the_whole_memo_once_when_rows_come_from_all_over(tmp_path, monkeypatch):
+    keys = [f"k{i}" for i in range(10)]
+    _write_memo(tmp_path / "memo", keys)
+    parts = MemoParts(tmp_path / "memo")
+    read = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: read.append(path.name) or real(path, *a, **k))
+    assert parts.rows(np.array([9, 1, 5]), ["derived"]).column("derived").to_pylist() == ["from k9", "from k1",
+                                                                                          "from k5"]
+    assert parts.rows(np.array([2, 8]), ["derived"]).column("derived").to_pylist() == ["from k2", "from k8"]
+    assert sorted(read) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # each part once

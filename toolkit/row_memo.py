@@ -121,18 +121,25 @@ def with_memo(positions: np.ndarray, memo: pa.Table | None, fresh: pa.Table, col
 
 
 class MemoParts:
-    """An earlier memo read a part at a time, only the parts and columns asked for (the last part read is kept)."""
+    """An earlier memo read a part at a time, only the parts and columns asked for (the last part read is kept);
+    once rows are asked for from several parts at once (rows moved about), the memo is read whole, once."""
 
     def __init__(self, folder: Path | None):
         memo = layout.memo_file(folder) if folder is not None else None
         self.parts = layout.parts_of(memo) if memo is not None and memo.exists() else []
         self.bounds = np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in self.parts)])
         self._kept: tuple[tuple[int, tuple[str, ...]], pa.Table] | None = None
+        self._whole: dict[tuple[str, ...], pa.Table] = {}
 
     def rows(self, positions: np.ndarray, columns: list[str]) -> pa.Table:
         """Give back the memo rows at `positions` (each >= 0), those columns."""
         numbers = np.searchsorted(self.bounds, positions, side="right") - 1
         wanted = np.unique(numbers).tolist()
+        if len(wanted) > 2 or tuple(columns) in self._whole:
+            if tuple(columns) not in self._whole:
+                self._whole[tuple(columns)] = pa.concat_tables(pq.read_table(part, columns=columns)
+                                                               for part in self.parts)
+            return rows_at(self._whole[tuple(columns)], positions)
         tables = [self._part(number, columns) for number in wanted]
         starts = np.cumsum([0, *(table.num_rows for table in tables)])
         local = positions - self.bounds[numbers] + starts[np.searchsorted(wanted, numbers)]
