@@ -46,10 +46,16 @@ def data_parts(folder: Path) -> list[Path]:
     return parts_of(data_path(folder))
 
 
-def data_rows(folder: Path) -> int:
+def part_bounds(parts: list[Path]) -> Any:
+    """Give back the first row of each Parquet part file, then the row count of them all (from the footers)."""
+    import numpy as np
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(part).metadata.num_rows for part in data_parts(folder))
+    return np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in parts)], dtype=np.int64)
+
+
+def data_rows(folder: Path) -> int:
+    return int(part_bounds(data_parts(folder))[-1])
 
 
 class DataRows:
@@ -67,9 +73,9 @@ class DataRows:
     @functools.cached_property
     def part_rows(self) -> list[int]:
         """How many rows each part holds (from the files' footers)."""
-        import pyarrow.parquet as pq
+        import numpy as np
 
-        return [pq.ParquetFile(part).metadata.num_rows for part in self.parts]
+        return np.diff(part_bounds(self.parts)).tolist()
 
     def iter_batches(self, batch_size: int, columns: list[str] | None = None, part: int | None = None) -> Any:
         """Yield the rows (of one part, if given) as Arrow record batches of at most `batch_size` rows (none spans
@@ -95,13 +101,11 @@ def rows_in_unchanged_parts(folder: Path, earlier: Path | None) -> Any:
     step's output row there equals the earlier output row in the same place unless a whole-table decision moved it.
     """
     import numpy as np
-    import pyarrow.parquet as pq
 
     from catalog.shared_root import is_url
 
-    parts = data_parts(folder)
-    sizes = [pq.ParquetFile(part).metadata.num_rows for part in parts]
-    unchanged = np.zeros(sum(sizes), bool)
+    rows = DataRows(folder)
+    unchanged = np.zeros(sum(rows.part_rows), bool)
     try:
         uri = read_manifest(earlier)["inputs"][0]["uri"] if earlier is not None else ""
         before = read_manifest(Path(uri))["files"] if uri and not is_url(uri) else {}
@@ -109,7 +113,7 @@ def rows_in_unchanged_parts(folder: Path, earlier: Path | None) -> Any:
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return unchanged
     start = 0
-    for part, size in zip(parts, sizes, strict=True):
+    for part, size in zip(rows.parts, rows.part_rows, strict=True):
         name = part.relative_to(folder).as_posix()
         unchanged[start:start + size] = name in now and before.get(name) == now[name]
         start += size

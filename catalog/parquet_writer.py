@@ -13,6 +13,7 @@ previous build is linked from it, not compressed and written again. Quarantines 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ class DataParts(_EvenChunks):
         """Add rows [start, start + count) of the earlier build's folder. A whole part of them sitting where it sat
         is linked without being read; the rest are read from their earlier parts (ingest's unchanged files)."""
         assert self.earlier is not None
-        parts, bounds = self._earlier_parts()
+        parts, bounds = self._earlier_parts
         while count > 0:
             part = int(np.searchsorted(bounds, start, side="right")) - 1
             size, before = int(bounds[part + 1] - bounds[part]), parts[part]
@@ -134,13 +135,12 @@ class DataParts(_EvenChunks):
             self.write_table(rows, np.arange(start, start + taken))
             start, count = start + taken, count - taken
 
+    @functools.cached_property
     def _earlier_parts(self) -> tuple[list[Path], np.ndarray]:
-        """Give back the earlier build's part files and the first row of each (then its row count)."""
-        if not hasattr(self, "_before"):
-            assert self.earlier is not None
-            parts = layout.parts_of(self.earlier)
-            self._before = parts, np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in parts)])
-        return self._before
+        """The earlier build's part files, and the first row of each (then its row count)."""
+        assert self.earlier is not None
+        parts = layout.parts_of(self.earlier)
+        return parts, layout.part_bounds(parts)
 
     def _emit(self, chunk: pa.Table) -> None:
         target = self.folder / layout.PART.format(self.parts)
@@ -149,7 +149,7 @@ class DataParts(_EvenChunks):
         origins = np.concatenate(self._origins) if self._origins else np.zeros(0, np.int64)
         self._origins = [origins[chunk.num_rows:]] if len(origins) > chunk.num_rows else []
         before = self.earlier / target.name if self.earlier is not None else None
-        in_place = chunk.num_rows > 0 and bool((origins[:chunk.num_rows] == np.arange(first, self.rows_emitted)).all())
+        in_place = sits_in_place(origins[:chunk.num_rows], first)
         if before is not None and before.is_file() and (
                 _same_count(before, chunk) if in_place else _same_rows(before, chunk)):
             link_file(before, target)
@@ -161,6 +161,12 @@ class DataParts(_EvenChunks):
     def _finish(self) -> None:
         if not self.parts:  # no rows: still one (empty) part, which carries the schema
             self._emit(self.schema.empty_table())
+
+
+def sits_in_place(earlier_rows: np.ndarray, first: int) -> bool:
+    """Tell whether rows `first`, `first` + 1, ... are each the earlier build's row of the same number (and there are
+    any): their part is the earlier part, row for row."""
+    return len(earlier_rows) > 0 and bool((earlier_rows == np.arange(first, first + len(earlier_rows))).all())
 
 
 def _same_count(path: Path, chunk: pa.Table) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 from catalog import layout
 from data_checks.gate import GateReport, run_suites
 from toolkit.row_memo import row_keys
-from toolkit.source_files import rebatched
 
 if TYPE_CHECKING:
     from catalog.sections import ValidateConfig
@@ -70,6 +69,21 @@ def clean_summary_expectations(min_rows: int, max_quarantine_ratio: float, max_d
 
 # Rows per Great Expectations run: the row checks go batch by batch so memory stays bounded at millions of rows.
 ROWS_PER_CHECK = 200_000
+
+
+def rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Yield the rows of the tables, in order, as contiguous tables of `rows` rows (the last one shorter)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= rows:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, rows).combine_chunks()
+            pending, held = [joined.slice(rows)], held - rows
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
 
 
 def _row_batches(cleaned: Path, rows_per_batch: int, seen: pa.Array | None, counts: dict[str, int]

@@ -171,7 +171,7 @@ def write_ingest(config: DataConfig, out: Path, batch_rows: int = 10_000, earlie
     """
     quarantine: list[dict[str, Any]] = []
     per_source: list[dict[str, Any]] = []
-    files = SourceFiles(earlier, DATA_SCHEMA)
+    files = SourceFiles(earlier)
     rows = 0
     with DataParts(out, DATA_SCHEMA, earlier) as writer:
         for batch in _ingest_batches(config, quarantine, per_source, batch_rows, files):

@@ -24,7 +24,7 @@ from prefect import task
 
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
-from catalog.parquet_writer import DataParts
+from catalog.parquet_writer import DataParts, sits_in_place
 from catalog.sections import RunnerConfig, TemplateConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -200,8 +200,8 @@ def write_template(config: TemplateConfig, validated: Path, out: Path, batch_row
     def unseen() -> Any:
         start = 0
         for part, rows in enumerate(table.part_rows):
-            span = np.arange(start, start + rows)
-            if rows and (in_place[start:start + rows] == span).all() and (positions[start:start + rows] == span).all():
+            span = slice(start, start + rows)
+            if sits_in_place(in_place[span], start) and sits_in_place(positions[span], start):
                 # the earlier build's rows and memo rows in their places: linked (or copied), neither read nor rendered
                 pending.append((start, rows, None))
                 yield pa.record_batch({"id": pa.array([], pa.string())})

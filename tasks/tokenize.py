@@ -30,7 +30,7 @@ from prefect import task
 from catalog import layout
 from catalog.caching import finish_step, step_task_options
 from catalog.keys import sha256_text
-from catalog.parquet_writer import DataParts
+from catalog.parquet_writer import DataParts, sits_in_place
 from catalog.sections import RunnerConfig, TokenizeConfig
 from catalog.step import Step
 from catalog.store import ArtifactRef
@@ -216,17 +216,17 @@ def write_tokenize(config: TokenizeConfig, templated: Path, out: Path, runner: R
     token_range = [GPT2_VOCAB_SIZE, -1, 0, IGNORE_INDEX]  # min id, max id, min label, max label
     state: dict[str, Any] = {}
     memo = TokenMemo(earlier, out, TOKENIZED_SCHEMA)
-    in_place, read, figures_before = rows_in_place(bool(config.packing), templated, earlier), 0, EarlierFigures(earlier)
+    in_place, read = rows_in_place(bool(config.packing), templated, earlier, memo.before.bounds[-1]), 0
+    figures_before = EarlierFigures(earlier)
     columns = ["id", "split", "category", "prompt", "completion"] + [
         name for name in ("segments", "segment_kinds", "messages") if name in source.schema_arrow.names]
-    empty = source.schema_arrow.empty_table().select(columns).to_batches(max_chunksize=1) or [
-        pa.RecordBatch.from_pylist([], schema=pa.schema([source.schema_arrow.field(name) for name in columns]))]
+    empty = pa.RecordBatch.from_pylist([], schema=pa.schema([source.schema_arrow.field(name) for name in columns]))
 
     def batches() -> Any:
         start, settled = 0, in_place
         for part, rows in enumerate(source.part_rows):
-            if settled is not None and rows and (settled[start:start + rows] == np.arange(start, start + rows)).all():
-                yield InPlace(start, rows, empty[0])  # a templated part as it was: its tokenized part is linked
+            if settled is not None and sits_in_place(settled[start:start + rows], start):
+                yield InPlace(start, rows, empty)  # a templated part as it was: its tokenized part is linked
             else:
                 yield from source.iter_batches(batch_size=config.batch_size, columns=columns, part=part)
             start += rows

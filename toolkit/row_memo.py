@@ -127,7 +127,7 @@ class MemoParts:
     def __init__(self, folder: Path | None):
         memo = layout.memo_file(folder) if folder is not None else None
         self.parts = layout.parts_of(memo) if memo is not None and memo.exists() else []
-        self.bounds = np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in self.parts)])
+        self.bounds = layout.part_bounds(self.parts)
         self._kept: tuple[tuple[int, tuple[str, ...]], pa.Table] | None = None
         self._whole: dict[tuple[str, ...], pa.Table] = {}
 

@@ -9,7 +9,7 @@ the artifact), which is how the next build finds them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +25,6 @@ from toolkit.readers import resolve_files
 FileReader = Callable[[str, int, list[dict[str, Any]]], pa.Table]
 
 
-def rebatched(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
-    """Yield the rows of the tables, in order, as contiguous tables of `rows` rows (the last one shorter)."""
-    pending: list[pa.Table] = []
-    held = 0
-    for table in tables:
-        pending.append(table)
-        held += table.num_rows
-        while held >= rows:
-            joined = pa.concat_tables(pending)
-            yield joined.slice(0, rows).combine_chunks()
-            pending, held = [joined.slice(rows)], held - rows
-    if held:
-        yield pa.concat_tables(pending).combine_chunks()
-
-
 @dataclass(frozen=True)
 class EarlierRows:
     """Rows [start, start + num_rows) of the earlier ingest artifact's data."""
@@ -51,13 +36,13 @@ class EarlierRows:
 class SourceFiles:
     """The files of the sources read whole, and what the previous ingest artifact of the same config holds of them."""
 
-    def __init__(self, earlier: Path | None, schema: pa.Schema):
+    def __init__(self, earlier: Path | None):
         self.files: list[dict[str, Any]] = []
         self.rows_before = 0  # rows the artifact holds before the next file's: other sources' too
         self.reused = 0
         known = layout.read_manifest(earlier).get("source_files", []) if earlier is not None else []
         self.known = {(entry["spec"], entry["file"], entry["sha256"]): entry for entry in known}
-        self.earlier, self.schema = earlier, schema
+        self.earlier = earlier
 
     @functools.cached_property
     def _earlier_quarantine(self) -> pa.Table:

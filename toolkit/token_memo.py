@@ -143,13 +143,14 @@ class TokenMemo:
                 "reused_from": self.earlier.name if self.earlier is not None and self.reused else None}
 
 
-def rows_in_place(packing: bool, templated: Path, earlier: Path | None) -> np.ndarray | None:
+def rows_in_place(packing: bool, templated: Path, earlier: Path | None, memo_rows: int) -> np.ndarray | None:
     """Give back each templated row's row in the earlier build's data where it is the same row there (-1: not known):
-    its templated part is unchanged. None where rows are not one per templated row (packed, or conversations cut)."""
+    its templated part is unchanged. None where rows are not one per templated row (packed, or conversations cut)
+    or the earlier memo (`memo_rows` rows) does not hold one row per templated row."""
     before = layout.read_manifest(earlier) if earlier is not None else {}
     if packing or not before or before.get("packing") or before.get("conversations_cut", 1):
         return None
-    if MemoParts(earlier).bounds[-1] != before.get("examples"):  # a conversation row: memo rows out of step
+    if memo_rows != before.get("examples"):  # a conversation row: memo rows out of step
         return None
     unchanged = layout.rows_in_unchanged_parts(templated, earlier)
     return np.where(unchanged, np.arange(len(unchanged)), -1)
@@ -197,7 +198,7 @@ class EarlierFigures:
 
     def __init__(self, earlier: Path | None):
         self.parts = layout.data_parts(earlier) if earlier is not None else []
-        self.bounds = np.cumsum([0, *(pq.ParquetFile(part).metadata.num_rows for part in self.parts)])
+        self.bounds = layout.part_bounds(self.parts)
 
     def of(self, start: int, count: int) -> dict[str, int]:
         figures: dict[str, int] = {"examples": count, "truncated": 0, "zero_target": 0}
